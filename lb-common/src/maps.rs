@@ -1,0 +1,230 @@
+//! Keys and values of every BPF map, with their exact layout.
+//!
+//! Byte order: addresses are `[u8; 4]` in wire order (bpftool prints them as
+//! `[198,18,0,2]`); ports are `u16` in network byte order (`_be`), as read
+//! from the packet, so bpftool prints them byte-swapped on x86 (port 30090 is
+//! shown as 35445). Every other integer is in host byte order.
+//!
+//! IPv4-only types carry a `V4` suffix; the IPv6 datapath will add `V6`
+//! twins with 16-byte addresses. [`ServiceValue`], [`MaglevTable`] and
+//! [`Counters`] are family-neutral.
+
+use core::mem::size_of;
+
+use crate::consts::MAGLEV_CAPACITY;
+
+/// Key of `LB_FRONTENDS_V4`: a destination the datapath balances.
+///
+/// One entry per NodePort × node address, per LoadBalancer ingress IP × port
+/// and per external IP × port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FrontendKeyV4 {
+    /// Destination IPv4 address, wire order.
+    pub addr: [u8; 4],
+    /// Destination port, network byte order.
+    pub port_be: u16,
+    /// IP protocol: 6 (TCP) or 17 (UDP).
+    pub proto: u8,
+    /// Always 0.
+    pub _pad: u8,
+}
+
+/// Value of `LB_FRONTENDS_V4`: the service a frontend belongs to, and what the
+/// datapath needs to choose a backend for a new flow.
+///
+/// A service with several frontends has one copy per frontend; the agent
+/// writes them all. A hash-map update replaces the whole value atomically.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceValue {
+    /// Service-port id: key of `LB_MAGLEV`, index of `LB_SVC_COUNTERS`.
+    pub service_id: u32,
+    /// Backends in the Maglev table (ready ones). 0: no usable backend.
+    pub backend_count: u32,
+    /// Slots of the Maglev table in use (a prime ≤ `MAGLEV_CAPACITY`).
+    pub maglev_size: u32,
+    /// Session-affinity timeout in seconds; 0 = no affinity (reserved).
+    pub affinity_timeout_s: u32,
+    /// `SVC_F_*` bits (reserved, 0).
+    pub flags: u16,
+    /// How the frontend was declared: `FRONTEND_NODEPORT`, `_LOADBALANCER`, `_EXTERNAL_IP`.
+    pub kind: u8,
+    /// Balancing policy: `POLICY_MAGLEV`.
+    pub policy: u8,
+    /// Always 0.
+    pub _pad: u32,
+}
+
+/// Value of `LB_MAGLEV` (key: service id, `u32`): the service's Maglev lookup
+/// table. Slot `i < maglev_size` holds the backend id that owns it.
+///
+/// The agent replaces a whole table with one map update, so the datapath
+/// never sees a half-written table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaglevTable {
+    /// Backend ids; only the first `maglev_size` are used.
+    pub slots: [u32; MAGLEV_CAPACITY],
+    /// Always 0 (keeps the size a multiple of 8).
+    pub _pad: u32,
+}
+
+impl Default for MaglevTable {
+    fn default() -> Self {
+        Self {
+            slots: [0; MAGLEV_CAPACITY],
+            _pad: 0,
+        }
+    }
+}
+
+/// Value of `LB_BACKENDS_V4` (array, index: backend id).
+///
+/// Written once when the backend is created; afterwards only `state`
+/// changes, so a reader never sees a torn address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BackendV4 {
+    /// Pod IPv4 address, wire order.
+    pub addr: [u8; 4],
+    /// Pod port, network byte order.
+    pub port_be: u16,
+    /// `BACKEND_FREE`, `BACKEND_ACTIVE` or `BACKEND_TERMINATING`.
+    pub state: u8,
+    /// `BACKEND_F_*` bits.
+    pub flags: u8,
+    /// The service id this backend belongs to (a flow whose conntrack entry
+    /// names another service is re-balanced).
+    pub service_id: u32,
+    /// Always 0.
+    pub _pad: u32,
+}
+
+/// Key of `LB_CT_V4` (LRU hash): one entry per flow and direction.
+///
+/// Forward (`CT_DIR_FORWARD`): the packet as XDP sees it, client →
+/// frontend. Reply (`CT_DIR_REPLY`): the packet as TC egress sees it,
+/// backend → client.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CtKeyV4 {
+    /// Source IPv4 address, wire order.
+    pub src_addr: [u8; 4],
+    /// Destination IPv4 address, wire order.
+    pub dst_addr: [u8; 4],
+    /// Source port, network byte order.
+    pub src_port_be: u16,
+    /// Destination port, network byte order.
+    pub dst_port_be: u16,
+    /// IP protocol.
+    pub proto: u8,
+    /// `CT_DIR_FORWARD` or `CT_DIR_REPLY`.
+    pub dir: u8,
+    /// Always 0.
+    pub _pad: [u8; 2],
+}
+
+/// Value of `LB_CT_V4`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtValueV4 {
+    /// The backend the flow is pinned to.
+    pub backend_id: u32,
+    /// The service the flow was balanced by.
+    pub service_id: u32,
+    /// Forward: the backend address the destination is rewritten to. Reply:
+    /// the frontend address the source is rewritten back to. Wire order.
+    pub nat_addr: [u8; 4],
+    /// Port paired with `nat_addr`, network byte order.
+    pub nat_port_be: u16,
+    /// `CT_TCP_*` bits seen on this direction's packets (forward entry: client
+    /// flags; reply entry: backend flags).
+    pub tcp_flags: u8,
+    /// Why this backend: `REASON_*`.
+    pub reason: u8,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the entry was created.
+    pub created_ns: u64,
+    /// `bpf_ktime_get_ns()` of the last packet, refreshed at most once a second.
+    pub last_seen_ns: u64,
+}
+
+/// Value of `LB_SVC_COUNTERS` and `LB_BE_COUNTERS` (per-CPU arrays indexed by
+/// service id and backend id); the agent sums over CPUs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Counters {
+    /// Packets balanced (forward direction, XDP).
+    pub packets: u64,
+    /// Bytes of those packets, Ethernet header included.
+    pub bytes: u64,
+    /// New flows pinned (including re-balanced ones).
+    pub new_flows: u64,
+    /// Packets to this service that found no usable backend.
+    pub no_backend: u64,
+}
+
+/// Value of `LB_STATS` (per-CPU array with one entry): why each packet got
+/// its verdict. See README, "Verdicts".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Stats {
+    /// Packets seen by the XDP program.
+    pub xdp_packets: u64,
+    /// Not IPv4 (ARP, IPv6, VLAN-tagged, …): passed untouched.
+    pub pass_not_ipv4: u64,
+    /// IPv4 but not TCP/UDP (ICMP, …): passed untouched.
+    pub pass_other_proto: u64,
+    /// TCP/UDP to no frontend: passed untouched.
+    pub pass_not_service: u64,
+    /// Headers shorter than they claim (Ethernet, IPv4, TCP, UDP): passed to the kernel, which drops them.
+    pub pass_truncated: u64,
+    /// IPv4 header with options (IHL > 5): passed untouched.
+    pub pass_ip_options: u64,
+    /// IPv4 fragment (MF set or offset ≠ 0): passed untouched.
+    pub pass_fragment: u64,
+    /// To a frontend whose service has no usable backend: passed to the
+    /// kernel (no socket there, so TCP is reset and UDP gets port unreachable).
+    pub pass_no_backend: u64,
+    /// New flows pinned to a backend.
+    pub new_flows: u64,
+    /// Packets of already pinned flows.
+    pub established: u64,
+    /// Flows whose backend had gone and that were pinned again.
+    pub rebalanced: u64,
+    /// Conntrack inserts that failed (flow still forwarded, not pinned).
+    pub ct_insert_failed: u64,
+    /// Packets seen by the TC egress program.
+    pub tc_packets: u64,
+    /// Replies whose source was rewritten back to the frontend.
+    pub tc_reverse_nat: u64,
+    /// TC rewrites that failed in a kernel helper (packet passed as is).
+    pub tc_rewrite_failed: u64,
+    /// Always 0 (reserved for the next counter).
+    pub _reserved: u64,
+}
+
+const _: () = assert!(size_of::<FrontendKeyV4>() == 8);
+const _: () = assert!(size_of::<ServiceValue>() == 24);
+const _: () = assert!(size_of::<MaglevTable>() == 4 * MAGLEV_CAPACITY + 4);
+const _: () = assert!(size_of::<MaglevTable>() % 8 == 0);
+const _: () = assert!(size_of::<BackendV4>() == 16);
+const _: () = assert!(size_of::<CtKeyV4>() == 16);
+const _: () = assert!(size_of::<CtValueV4>() == 32);
+const _: () = assert!(size_of::<Counters>() == 32);
+const _: () = assert!(size_of::<Stats>() == 16 * 8);
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: every type is `repr(C)`, `Copy`, has no implicit padding (sizes
+    // asserted above) and is valid for any bit pattern.
+    unsafe impl aya::Pod for FrontendKeyV4 {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for MaglevTable {}
+    unsafe impl aya::Pod for BackendV4 {}
+    unsafe impl aya::Pod for CtKeyV4 {}
+    unsafe impl aya::Pod for CtValueV4 {}
+    unsafe impl aya::Pod for Counters {}
+    unsafe impl aya::Pod for Stats {}
+}
