@@ -1,13 +1,51 @@
+//! The datapath: an XDP program for client → service packets and a TC egress
+//! program for the replies. Entry points are one line; the logic lives in one
+//! module per concern:
+//!
+//! ```text
+//! parse.rs      one bounds check, one packet description
+//! maps.rs       every map, declared once
+//! ingress.rs    XDP: frontend → conntrack → select → DNAT → XDP_PASS
+//! select.rs     Maglev choice for new flows
+//! conntrack.rs  flow pinning (forward + reply entries)
+//! nat.rs        rewrites and checksums
+//! reply.rs      TC egress: reverse NAT of replies
+//! ```
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
-mod prog {
-    use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+mod conntrack;
+#[cfg(target_arch = "bpf")]
+mod ingress;
+#[cfg(target_arch = "bpf")]
+mod maps;
+#[cfg(target_arch = "bpf")]
+mod nat;
+#[cfg(target_arch = "bpf")]
+mod parse;
+#[cfg(target_arch = "bpf")]
+mod reply;
+#[cfg(target_arch = "bpf")]
+mod select;
 
+#[cfg(target_arch = "bpf")]
+mod entry {
+    use aya_ebpf::{
+        macros::{classifier, xdp},
+        programs::{TcContext, XdpContext},
+    };
+
+    /// XDP ingress: NodePort / LoadBalancer DNAT.
     #[xdp]
-    pub fn lb_xdp(_ctx: XdpContext) -> u32 {
-        xdp_action::XDP_PASS
+    pub fn lb_xdp(ctx: XdpContext) -> u32 {
+        crate::ingress::handle(&ctx)
+    }
+
+    /// TC egress: reverse NAT of replies.
+    #[classifier]
+    pub fn lb_tc_egress(ctx: TcContext) -> i32 {
+        crate::reply::handle(&ctx)
     }
 
     #[panic_handler]

@@ -1,0 +1,55 @@
+//! Every map of the datapath, declared once. Types and byte order are
+//! documented in `lb_common::maps`; pin names equal these symbols (see
+//! `lb_common::pin`) and live under `<bpffs-root>/v1/`.
+//!
+//! All maps are BTF maps, so `bpftool map dump` prints named fields.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use lb_common::{
+    BackendV4, CT_DEFAULT_CAPACITY, Counters, CtKeyV4, CtValueV4, FrontendKeyV4, MAX_BACKENDS,
+    MAX_FRONTENDS, MAX_SERVICES, MaglevTable, ServiceValue, Stats,
+};
+
+/// Frontend (addr, port, proto) → service. Written by the agent; read by XDP. Capacity `MAX_FRONTENDS`.
+#[btf_map]
+pub static LB_FRONTENDS_V4: HashMap<FrontendKeyV4, ServiceValue, { MAX_FRONTENDS as usize }> =
+    HashMap::new();
+
+/// Service id → Maglev table of backend ids. Written by the agent (one update
+/// per table: atomic); read by XDP for new flows. Not preallocated (64 KiB a
+/// table). Capacity `MAX_SERVICES`.
+#[btf_map]
+pub static LB_MAGLEV: HashMap<
+    u32,
+    MaglevTable,
+    { MAX_SERVICES as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
+/// Backend id → address, port, state. Written by the agent; read by XDP.
+/// Capacity `MAX_BACKENDS`.
+#[btf_map]
+pub static LB_BACKENDS_V4: Array<BackendV4, { MAX_BACKENDS as usize }> = Array::new();
+
+/// Conntrack, both directions (`CtKeyV4::dir`). Written by XDP (new flows)
+/// and TC (reply flags); read by both. LRU: a full table evicts the least
+/// recently used flow. Capacity `CT_DEFAULT_CAPACITY` (the agent may resize).
+#[btf_map]
+pub static LB_CT_V4: LruHashMap<CtKeyV4, CtValueV4, { CT_DEFAULT_CAPACITY as usize }> =
+    LruHashMap::new();
+
+/// Service id → counters, per CPU. Written by XDP; read by the agent.
+#[btf_map]
+pub static LB_SVC_COUNTERS: PerCpuArray<Counters, { MAX_SERVICES as usize }> = PerCpuArray::new();
+
+/// Backend id → counters, per CPU. Written by XDP; read by the agent.
+#[btf_map]
+pub static LB_BE_COUNTERS: PerCpuArray<Counters, { MAX_BACKENDS as usize }> = PerCpuArray::new();
+
+/// One entry of verdict counters, per CPU. Written by XDP and TC.
+#[btf_map]
+pub static LB_STATS: PerCpuArray<Stats, 1> = PerCpuArray::new();

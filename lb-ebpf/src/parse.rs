@@ -1,0 +1,145 @@
+//! Packet parsing: one bounds-check primitive ([`Bounds::ptr_at`]) and one
+//! packet description ([`PacketV4`]) filled once and used by every handler.
+//!
+//! Accepted: Ethernet II + IPv4 without options, not fragmented, carrying a
+//! complete TCP (20-byte) or UDP (8-byte) header. Everything else is a
+//! [`Skip`] reason, counted by the caller, and the packet is passed untouched.
+
+use core::mem::size_of;
+
+use lb_common::{CT_TCP_FIN_FWD, CT_TCP_RST, CT_TCP_SYN, IPPROTO_TCP, IPPROTO_UDP};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
+
+/// Offset of the IPv4 header (right after Ethernet II).
+pub const L3_OFF: usize = EthHdr::LEN;
+/// Offset of the L4 header (IPv4 without options).
+pub const L4_OFF: usize = L3_OFF + Ipv4Hdr::LEN;
+/// Offset of the IPv4 header checksum.
+pub const IP_CHECK_OFF: usize = L3_OFF + 10;
+/// Offset of the IPv4 source address.
+pub const IP_SRC_OFF: usize = L3_OFF + 12;
+/// Offset of the L4 source port.
+pub const L4_SPORT_OFF: usize = L4_OFF;
+const TCP_CHECK_OFF: usize = L4_OFF + 16;
+const UDP_CHECK_OFF: usize = L4_OFF + 6;
+const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+
+/// The packet's memory: `[start, end)`.
+#[derive(Clone, Copy)]
+pub struct Bounds {
+    pub start: usize,
+    pub end: usize,
+}
+
+impl Bounds {
+    /// The one bounds check: a pointer to a `T` at `off`, if all of it lies
+    /// inside the packet.
+    #[inline(always)]
+    pub fn ptr_at<T>(&self, off: usize) -> Option<*mut T> {
+        if self.start + off + size_of::<T>() > self.end {
+            return None;
+        }
+        Some((self.start + off) as *mut T)
+    }
+}
+
+/// Why a packet is not parsed further (each has a counter in `Stats`).
+#[derive(Clone, Copy)]
+pub enum Skip {
+    NotIpv4,
+    OtherProto,
+    Truncated,
+    IpOptions,
+    Fragment,
+}
+
+/// An IPv4 TCP/UDP packet, parsed once. Addresses in wire order, ports in
+/// network byte order (memory order of the header fields).
+pub struct PacketV4 {
+    /// The IPv4 header (in bounds).
+    pub ip: *mut Ipv4Hdr,
+    /// The L4 ports (source, destination), in bounds.
+    pub ports: *mut [u16; 2],
+    /// The L4 checksum field, in bounds.
+    pub l4_check: *mut [u8; 2],
+    /// Offset of the L4 checksum from the packet start (for TC helpers).
+    pub l4_check_off: usize,
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    /// `CT_TCP_SYN | CT_TCP_FIN_FWD | CT_TCP_RST` as seen in this packet
+    /// (FIN reported as `CT_TCP_FIN_FWD`; the reply path maps it).
+    pub tcp_flags: u8,
+    /// Bytes from the Ethernet header to the end of the packet.
+    pub len: u32,
+}
+
+/// Parses `b` as Ethernet II / IPv4 / TCP or UDP.
+#[inline(always)]
+pub fn parse_v4(b: Bounds) -> Result<PacketV4, Skip> {
+    let eth: *mut EthHdr = b.ptr_at(0).ok_or(Skip::Truncated)?;
+    // SAFETY: `eth` is in bounds.
+    if unsafe { (*eth).ether_type } != ETH_P_IP_BE {
+        return Err(Skip::NotIpv4);
+    }
+    let ip: *mut Ipv4Hdr = b.ptr_at(L3_OFF).ok_or(Skip::Truncated)?;
+    // SAFETY: `ip` is in bounds.
+    let iph = unsafe { &*ip };
+    if iph.vihl >> 4 != 4 {
+        return Err(Skip::NotIpv4);
+    }
+    if iph.vihl & 0xf != 5 {
+        return Err(if iph.vihl & 0xf < 5 {
+            Skip::Truncated
+        } else {
+            Skip::IpOptions
+        });
+    }
+    // MF flag or a non-zero fragment offset.
+    if u16::from_be_bytes(iph.frags) & 0x3fff != 0 {
+        return Err(Skip::Fragment);
+    }
+    let proto = iph.proto;
+    let (check_off, tcp_flags) = match proto {
+        IPPROTO_TCP => {
+            let tcp: *mut TcpHdr = b.ptr_at(L4_OFF).ok_or(Skip::Truncated)?;
+            // SAFETY: the 20-byte TCP header is in bounds; byte 13 holds the flags.
+            let raw = unsafe { *(tcp as *const u8).add(13) };
+            let mut f = 0;
+            if raw & 0x01 != 0 {
+                f |= CT_TCP_FIN_FWD;
+            }
+            if raw & 0x02 != 0 {
+                f |= CT_TCP_SYN;
+            }
+            if raw & 0x04 != 0 {
+                f |= CT_TCP_RST;
+            }
+            (TCP_CHECK_OFF, f)
+        }
+        IPPROTO_UDP => {
+            let _: *mut UdpHdr = b.ptr_at(L4_OFF).ok_or(Skip::Truncated)?;
+            (UDP_CHECK_OFF, 0)
+        }
+        _ => return Err(Skip::OtherProto),
+    };
+    let ports: *mut [u16; 2] = b.ptr_at(L4_OFF).ok_or(Skip::Truncated)?;
+    let l4_check: *mut [u8; 2] = b.ptr_at(check_off).ok_or(Skip::Truncated)?;
+    // SAFETY: in bounds (checked just above).
+    let [sport_be, dport_be] = unsafe { *ports };
+    Ok(PacketV4 {
+        ip,
+        ports,
+        l4_check,
+        l4_check_off: check_off,
+        src: iph.src_addr,
+        dst: iph.dst_addr,
+        sport_be,
+        dport_be,
+        proto,
+        tcp_flags,
+        len: (b.end - b.start) as u32,
+    })
+}

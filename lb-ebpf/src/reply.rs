@@ -1,0 +1,66 @@
+//! The TC egress path: a reply from a backend (backend → client) whose flow
+//! is in conntrack gets its source rewritten back to the frontend the client
+//! used. Everything else continues untouched.
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_UNSPEC},
+    programs::TcContext,
+};
+use lb_common::{CT_TCP_FIN_FWD, CT_TCP_FIN_REPLY};
+
+use crate::{
+    conntrack,
+    maps::{LB_CT_V4, LB_STATS},
+    nat,
+    parse::{self, Bounds, L4_OFF, Skip},
+};
+
+/// Handles one outgoing packet. Returns `TC_ACT_OK` after a rewrite and
+/// `TC_ACT_UNSPEC` (continue with the next program) otherwise.
+#[inline(always)]
+pub fn handle(ctx: &TcContext) -> i32 {
+    let Some(st) = LB_STATS.get_ptr_mut(0) else {
+        return TC_ACT_UNSPEC;
+    };
+    // SAFETY: per-CPU value, only this program run touches it.
+    let st = unsafe { &mut *st };
+    st.tc_packets += 1;
+
+    let mut pkt = parse::parse_v4(bounds(ctx));
+    if matches!(pkt, Err(Skip::Truncated)) {
+        // Headers may sit in a non-linear part of the skb: pull them in once.
+        if ctx.pull_data((L4_OFF + 20) as u32).is_ok() {
+            pkt = parse::parse_v4(bounds(ctx));
+        }
+    }
+    let Ok(pkt) = pkt else {
+        return TC_ACT_UNSPEC;
+    };
+    let key = conntrack::reply_key(&pkt);
+    let Some(ct) = LB_CT_V4.get_ptr_mut(&key) else {
+        return TC_ACT_UNSPEC;
+    };
+    // SAFETY: LRU entry valid for this run; see conntrack::lookup_forward.
+    let ct = unsafe { &mut *ct };
+    let flags = if pkt.tcp_flags & CT_TCP_FIN_FWD != 0 {
+        (pkt.tcp_flags & !CT_TCP_FIN_FWD) | CT_TCP_FIN_REPLY
+    } else {
+        pkt.tcp_flags
+    };
+    conntrack::touch(ct, flags, conntrack::now());
+    let (addr, port) = (ct.nat_addr, ct.nat_port_be);
+    if nat::snat_tc(ctx, &pkt, addr, port).is_err() {
+        st.tc_rewrite_failed += 1;
+        return TC_ACT_UNSPEC;
+    }
+    st.tc_reverse_nat += 1;
+    TC_ACT_OK
+}
+
+#[inline(always)]
+fn bounds(ctx: &TcContext) -> Bounds {
+    Bounds {
+        start: ctx.data(),
+        end: ctx.data_end(),
+    }
+}
