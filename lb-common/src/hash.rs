@@ -14,7 +14,10 @@ pub const FLOW_HASH_SEED: u32 = 0x4c42_0001;
 #[inline(always)]
 fn mix(h: u32, k: u32) -> u32 {
     let k = k.wrapping_mul(C1).rotate_left(15).wrapping_mul(C2);
-    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+    (h ^ k)
+        .rotate_left(13)
+        .wrapping_mul(5)
+        .wrapping_add(0xe654_6b64)
 }
 
 #[inline(always)]
@@ -57,9 +60,27 @@ mod tests {
     #[test]
     fn deterministic_and_sensitive() {
         // Equal tuples hash equal; one changed port changes the hash.
-        let a = flow_hash_v4([198, 18, 0, 1], [198, 18, 0, 2], 1234u16.to_be(), 80u16.to_be(), 6);
-        let b = flow_hash_v4([198, 18, 0, 1], [198, 18, 0, 2], 1234u16.to_be(), 80u16.to_be(), 6);
-        let c = flow_hash_v4([198, 18, 0, 1], [198, 18, 0, 2], 1235u16.to_be(), 80u16.to_be(), 6);
+        let a = flow_hash_v4(
+            [198, 18, 0, 1],
+            [198, 18, 0, 2],
+            1234u16.to_be(),
+            80u16.to_be(),
+            6,
+        );
+        let b = flow_hash_v4(
+            [198, 18, 0, 1],
+            [198, 18, 0, 2],
+            1234u16.to_be(),
+            80u16.to_be(),
+            6,
+        );
+        let c = flow_hash_v4(
+            [198, 18, 0, 1],
+            [198, 18, 0, 2],
+            1235u16.to_be(),
+            80u16.to_be(),
+            6,
+        );
         assert_eq!(a, b);
         assert_ne!(a, c);
     }

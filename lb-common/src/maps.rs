@@ -207,7 +207,7 @@ pub struct Stats {
 const _: () = assert!(size_of::<FrontendKeyV4>() == 8);
 const _: () = assert!(size_of::<ServiceValue>() == 24);
 const _: () = assert!(size_of::<MaglevTable>() == 4 * MAGLEV_CAPACITY + 4);
-const _: () = assert!(size_of::<MaglevTable>() % 8 == 0);
+const _: () = assert!(size_of::<MaglevTable>().is_multiple_of(8));
 const _: () = assert!(size_of::<BackendV4>() == 16);
 const _: () = assert!(size_of::<CtKeyV4>() == 16);
 const _: () = assert!(size_of::<CtValueV4>() == 32);

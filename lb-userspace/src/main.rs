@@ -1,2 +1,29 @@
-static OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
-fn main() { println!("{}", OBJ.len()); }
+//! `lb-agent`: see `lb-agent --help`.
+
+use clap::Parser;
+use lb_userspace::cli::{Cli, Command, LogFormat};
+use tracing_subscriber::EnvFilter;
+
+fn init_logs(filter: &str, format: LogFormat) {
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => b.init(),
+        LogFormat::Json => b.json().init(),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => {
+            init_logs(&args.log_level, args.log_format);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(lb_userspace::agent::run(args))
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! Command line of `lb-agent`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// lb-agent: XDP/eBPF load balancer for Kubernetes NodePort and LoadBalancer
+/// services. Loads the datapath, pins its maps and keeps them equal to the
+/// services it is given.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Load and attach the datapath, fill its maps from the manifests and
+    /// keep them current until SIGINT/SIGTERM (SIGHUP re-reads the manifests).
+    Run(RunArgs),
+}
+
+/// Arguments of `lb-agent run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Interface that receives service traffic (repeatable). XDP is attached
+    /// to its ingress and TC to its egress; NodePorts are served on every
+    /// IPv4 address of these interfaces.
+    #[arg(short, long = "interface", value_name = "IFACE", required = true)]
+    pub interfaces: Vec<String>,
+
+    /// Service and EndpointSlice objects: a YAML file as printed by
+    /// `kubectl get svc,endpointslices -A -o yaml`, or a directory of such
+    /// files. Re-read on SIGHUP; a bad file is rejected and the last good
+    /// state kept.
+    #[arg(short, long, value_name = "FILE_OR_DIR")]
+    pub manifests: PathBuf,
+
+    /// This node's name: endpoints whose `nodeName` differs are remote (not
+    /// served yet; logged once).
+    #[arg(long, env = "NODE_NAME", value_name = "NAME")]
+    pub node_name: String,
+
+    /// bpffs directory where maps are pinned (under `v1/`). Pinned maps are
+    /// reused on restart, so established flows survive it.
+    #[arg(long, default_value = "/sys/fs/bpf/lb", value_name = "PATH")]
+    pub bpffs_root: PathBuf,
+
+    /// Maglev table size per service: a prime ≤ 16381. Each backend's share
+    /// of new flows is within 1% of 1/N when the size is ≥ 100·N.
+    #[arg(long, default_value_t = lb_common::MAGLEV_DEFAULT_SIZE, value_name = "PRIME")]
+    pub maglev_table_size: u32,
+
+    /// Conntrack capacity in entries (two per flow), used when the map is
+    /// first created.
+    #[arg(long, default_value_t = lb_common::CT_DEFAULT_CAPACITY, value_name = "N")]
+    pub conntrack_capacity: u32,
+
+    /// Log filter (RUST_LOG syntax), e.g. `info` or `lb_userspace=debug`.
+    #[arg(long, env = "LB_LOG", default_value = "info")]
+    pub log_level: String,
+
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}

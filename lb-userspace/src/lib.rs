@@ -1,0 +1,29 @@
+//! lb-agent: the userspace half of the load balancer.
+//!
+//! The agent is one pipeline:
+//!
+//! ```text
+//! source (manifests | Kubernetes)  →  translate  →  plan  →  writer
+//!   k8s objects                      desired state   map ops   pinned BPF maps
+//! ```
+//!
+//! * [`source`] reads Service and EndpointSlice objects, nothing else.
+//! * [`translate`] turns them into the desired state ([`model`]), with
+//!   kube-proxy's semantics.
+//! * [`plan`] diffs the desired state against what the maps hold
+//!   ([`writer::MapState`]) and emits ordered [`writer::Op`]s; Maglev tables come
+//!   from [`maglev`].
+//! * [`writer`] applies them: [`writer::kernel`] to the real maps,
+//!   [`writer::memory`] in tests.
+//! * [`loader`] loads, pins and attaches the programs; [`agent`] runs the loop.
+
+pub mod agent;
+pub mod cli;
+pub mod error;
+pub mod loader;
+pub mod maglev;
+pub mod model;
+pub mod plan;
+pub mod source;
+pub mod translate;
+pub mod writer;

@@ -1,0 +1,411 @@
+//! Desired state × current map state → the map operations that turn one
+//! into the other.
+//!
+//! The maps are the agent's only memory: ids are recovered from what they
+//! hold, so an agent restart re-plans to nothing and no flow moves.
+//!
+//! * Service ports without frontends are not written (nothing reaches them).
+//! * Service ids: a service port keeps the id its frontends already point
+//!   to (the id most of them point to, when they disagree); a new one gets
+//!   the smallest id not used in the maps.
+//! * Backend ids: one per (service id, address, port), kept while that
+//!   backend exists; new ones get the smallest id not used in the maps.
+//!   Remote backends are not written for now. Freed ids are only reused when
+//!   no never-used id is left.
+//! * Maglev tables are built from the active local backends and rewritten
+//!   only when that set of ids or the table size changed.
+//! * Operations come only for differences, in the order the datapath can
+//!   follow safely: `PutBackend`, `PutMaglev`, `PutFrontend`,
+//!   `DeleteFrontend`, `DeleteMaglev`, `FreeBackend`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use lb_common::{
+    BACKEND_ACTIVE, BACKEND_F_LOCAL, BACKEND_TERMINATING, BackendV4, FRONTEND_EXTERNAL_IP,
+    FRONTEND_LOADBALANCER, FRONTEND_NODEPORT, FrontendKeyV4, MAGLEV_CAPACITY, MAX_BACKENDS,
+    MAX_FRONTENDS, MAX_SERVICES, MaglevTable, POLICY_MAGLEV, ServiceValue,
+};
+
+use crate::error::{Error, Result};
+use crate::maglev;
+use crate::model::{BackendState, Desired, Frontend, FrontendKind, Proto};
+use crate::writer::{MapState, Op};
+
+/// Planner settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlanConfig {
+    /// Slots of every Maglev table: a prime ≤ [`MAGLEV_CAPACITY`].
+    pub maglev_size: u32,
+}
+
+impl Default for PlanConfig {
+    /// The default Maglev size ([`lb_common::MAGLEV_DEFAULT_SIZE`]).
+    fn default() -> Self {
+        Self {
+            maglev_size: lb_common::MAGLEV_DEFAULT_SIZE,
+        }
+    }
+}
+
+impl PlanConfig {
+    /// A validated configuration.
+    pub fn new(maglev_size: u32) -> Result<Self> {
+        let cfg = Self { maglev_size };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks that `maglev_size` is a prime ≤ [`MAGLEV_CAPACITY`].
+    pub fn validate(&self) -> Result<()> {
+        let n = self.maglev_size;
+        if n as usize > MAGLEV_CAPACITY {
+            return Err(Error::Config(format!(
+                "maglev size {n} is larger than the compiled capacity {MAGLEV_CAPACITY}"
+            )));
+        }
+        if !maglev::is_prime(n) {
+            let hint = maglev::next_prime_at_least(n)
+                .filter(|&p| p as usize <= MAGLEV_CAPACITY)
+                .map(|p| format!(" (next prime: {p})"))
+                .unwrap_or_default();
+            return Err(Error::Config(format!("maglev size {n} is not prime{hint}")));
+        }
+        Ok(())
+    }
+}
+
+/// The map key of a frontend.
+pub fn frontend_key(addr: Ipv4Addr, port: u16, proto: Proto) -> FrontendKeyV4 {
+    FrontendKeyV4 {
+        addr: addr.octets(),
+        port_be: port.to_be(),
+        proto: proto.number(),
+        _pad: 0,
+    }
+}
+
+fn kind_code(kind: FrontendKind) -> u8 {
+    match kind {
+        FrontendKind::NodePort => FRONTEND_NODEPORT,
+        FrontendKind::LoadBalancer => FRONTEND_LOADBALANCER,
+        FrontendKind::ExternalIp => FRONTEND_EXTERNAL_IP,
+    }
+}
+
+/// Hands out the smallest ids in `1..max` that are not taken, preferring ids
+/// never seen in the maps over ids being freed by this plan.
+struct IdPool {
+    max: u32,
+    taken: BTreeSet<u32>,
+    /// Ids the current maps use; handed out only when nothing else is left.
+    in_maps: BTreeSet<u32>,
+    next_fresh: u32,
+}
+
+impl IdPool {
+    fn new(max: u32, taken: BTreeSet<u32>, in_maps: BTreeSet<u32>) -> Self {
+        Self {
+            max,
+            taken,
+            in_maps,
+            next_fresh: 1,
+        }
+    }
+
+    fn take(&mut self) -> Option<u32> {
+        while self.next_fresh < self.max {
+            let id = self.next_fresh;
+            self.next_fresh += 1;
+            if !self.taken.contains(&id) && !self.in_maps.contains(&id) {
+                self.taken.insert(id);
+                return Some(id);
+            }
+        }
+        let id = *self.in_maps.iter().find(|id| !self.taken.contains(id))?;
+        self.taken.insert(id);
+        Some(id)
+    }
+}
+
+/// Plans the operations that make `current` hold `desired`.
+///
+/// An unchanged desired state plans to an empty Vec. Fails, with no
+/// operation, when `cfg` is invalid, when two service ports claim the same
+/// frontend, or when the desired state does not fit in the maps.
+pub fn plan(current: &MapState, desired: &Desired, cfg: &PlanConfig) -> Result<Vec<Op>> {
+    cfg.validate()?;
+    let size = cfg.maglev_size;
+    // A service port without frontends is unreachable: nothing is written
+    // for it (and it has no frontend to recover its id from).
+    let reachable = Desired {
+        services: desired
+            .services
+            .iter()
+            .filter(|(_, sp)| !sp.frontends.is_empty())
+            .map(|(n, sp)| (n.clone(), sp.clone()))
+            .collect(),
+    };
+    let desired = &reachable;
+
+    // Capacity checks first: all or nothing.
+    let n_services = desired.services.len();
+    if n_services >= MAX_SERVICES as usize {
+        return Err(Error::Capacity {
+            what: "service ports",
+            needed: n_services,
+            max: MAX_SERVICES as usize - 1,
+        });
+    }
+    let n_frontends: usize = desired.services.values().map(|s| s.frontends.len()).sum();
+    if n_frontends > MAX_FRONTENDS as usize {
+        return Err(Error::Capacity {
+            what: "frontends",
+            needed: n_frontends,
+            max: MAX_FRONTENDS as usize,
+        });
+    }
+    let n_backends: usize = desired
+        .services
+        .values()
+        .map(|s| s.backends.iter().filter(|b| b.local).count())
+        .sum();
+    if n_backends >= MAX_BACKENDS as usize {
+        return Err(Error::Capacity {
+            what: "backends",
+            needed: n_backends,
+            max: MAX_BACKENDS as usize - 1,
+        });
+    }
+    // Each frontend key belongs to one service port.
+    let mut owner: BTreeMap<FrontendKeyV4, &crate::model::ServicePortName> = BTreeMap::new();
+    for (name, sp) in &desired.services {
+        for f in &sp.frontends {
+            let key = frontend_key(f.addr, f.port, f.proto);
+            if let Some(other) = owner.insert(key, name) {
+                if other != name {
+                    return Err(Error::Config(format!(
+                        "frontend {}:{}/{} is claimed by both {other} and {name}",
+                        f.addr, f.port, f.proto
+                    )));
+                }
+                return Err(Error::Config(format!(
+                    "frontend {}:{}/{} is listed twice in {name}",
+                    f.addr, f.port, f.proto
+                )));
+            }
+        }
+    }
+
+    // Service ids: vote by frontends, most votes first.
+    let names: Vec<_> = desired.services.keys().collect();
+    let mut votes: Vec<(usize, u32, usize)> = Vec::new(); // (count, id, service index)
+    for (i, sp) in desired.services.values().enumerate() {
+        let mut count: BTreeMap<u32, usize> = BTreeMap::new();
+        for f in &sp.frontends {
+            if let Some(v) = current
+                .frontends
+                .get(&frontend_key(f.addr, f.port, f.proto))
+                && (1..MAX_SERVICES).contains(&v.service_id)
+            {
+                *count.entry(v.service_id).or_default() += 1;
+            }
+        }
+        votes.extend(count.into_iter().map(|(id, c)| (c, id, i)));
+    }
+    votes.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+    let mut sid_of: Vec<Option<u32>> = vec![None; names.len()];
+    let mut taken = BTreeSet::new();
+    for (_, id, i) in votes {
+        if sid_of[i].is_none() && !taken.contains(&id) {
+            sid_of[i] = Some(id);
+            taken.insert(id);
+        }
+    }
+    let sids_in_maps: BTreeSet<u32> = current
+        .frontends
+        .values()
+        .map(|v| v.service_id)
+        .chain(current.maglev.keys().copied())
+        .chain(current.backends.values().map(|b| b.service_id))
+        .collect();
+    let mut sid_pool = IdPool::new(MAX_SERVICES, taken, sids_in_maps);
+    for sid in &mut sid_of {
+        if sid.is_none() {
+            // Cannot fail: fewer services than ids (checked above).
+            *sid = Some(sid_pool.take().ok_or(Error::Capacity {
+                what: "service ports",
+                needed: n_services,
+                max: MAX_SERVICES as usize - 1,
+            })?);
+        }
+    }
+
+    // Backend ids: reuse by (service id, addr, port).
+    let mut current_be: BTreeMap<(u32, [u8; 4], u16), u32> = BTreeMap::new();
+    for (&id, b) in current.backends.iter().rev() {
+        // Iterating in reverse leaves the smallest id for duplicates.
+        current_be.insert((b.service_id, b.addr, b.port_be), id);
+    }
+    let mut want_be: BTreeMap<u32, BackendV4> = BTreeMap::new();
+    // Per service: (sid, its backends in desired order as (id, name, active)).
+    let mut svc_be: Vec<Vec<(u32, String, bool)>> = Vec::with_capacity(names.len());
+    let mut new_be: Vec<(usize, usize, BackendV4)> = Vec::new(); // (service idx, backend idx, value)
+    for (i, sp) in desired.services.values().enumerate() {
+        let sid = sid_of[i].unwrap_or_default();
+        let mut list = Vec::new();
+        for b in sp.backends.iter().filter(|b| b.local) {
+            let active = b.state == BackendState::Active;
+            let value = BackendV4 {
+                addr: b.addr.octets(),
+                port_be: b.port.to_be(),
+                state: if active {
+                    BACKEND_ACTIVE
+                } else {
+                    BACKEND_TERMINATING
+                },
+                flags: BACKEND_F_LOCAL,
+                service_id: sid,
+                _pad: 0,
+            };
+            match current_be.get(&(sid, value.addr, value.port_be)) {
+                Some(&id) if !want_be.contains_key(&id) => {
+                    want_be.insert(id, value);
+                    list.push((id, b.maglev_name(), active));
+                }
+                _ => {
+                    new_be.push((i, list.len(), value));
+                    list.push((0, b.maglev_name(), active));
+                }
+            }
+        }
+        svc_be.push(list);
+    }
+    let mut be_pool = IdPool::new(
+        MAX_BACKENDS,
+        want_be.keys().copied().collect(),
+        current.backends.keys().copied().collect(),
+    );
+    for (i, j, value) in new_be {
+        let id = be_pool.take().ok_or(Error::Capacity {
+            what: "backends",
+            needed: n_backends,
+            max: MAX_BACKENDS as usize - 1,
+        })?;
+        want_be.insert(id, value);
+        svc_be[i][j].0 = id;
+    }
+
+    // Maglev tables and frontends.
+    let mut ops_maglev = Vec::new();
+    let mut want_tables = BTreeSet::new();
+    let mut want_fe: BTreeMap<FrontendKeyV4, ServiceValue> = BTreeMap::new();
+    for (i, sp) in desired.services.values().enumerate() {
+        let sid = sid_of[i].unwrap_or_default();
+        let active: Vec<&(u32, String, bool)> = svc_be[i].iter().filter(|b| b.2).collect();
+        let has_table = !active.is_empty();
+        if has_table {
+            want_tables.insert(sid);
+            let ids: BTreeSet<u32> = active.iter().map(|b| b.0).collect();
+            let unchanged = current.maglev.get(&sid).is_some_and(|t| {
+                t.len() == size as usize && t.iter().copied().collect::<BTreeSet<u32>>() == ids
+            });
+            if !unchanged {
+                let names: Vec<&str> = active.iter().map(|b| b.1.as_str()).collect();
+                let mut table = Box::new(MaglevTable::default());
+                for (slot, idx) in maglev::populate(&names, size).into_iter().enumerate() {
+                    table.slots[slot] = active[idx as usize].0;
+                }
+                ops_maglev.push(Op::PutMaglev {
+                    service_id: sid,
+                    table,
+                    size,
+                });
+            }
+        }
+        for f in &sp.frontends {
+            want_fe.insert(
+                frontend_key(f.addr, f.port, f.proto),
+                service_value(
+                    f,
+                    sid,
+                    active.len() as u32,
+                    if has_table { size } else { 0 },
+                ),
+            );
+        }
+    }
+
+    let mut ops = Vec::new();
+    for (&id, value) in &want_be {
+        if current.backends.get(&id) != Some(value) {
+            ops.push(Op::PutBackend { id, value: *value });
+        }
+    }
+    ops.extend(ops_maglev);
+    for (key, value) in &want_fe {
+        if current.frontends.get(key) != Some(value) {
+            ops.push(Op::PutFrontend {
+                key: *key,
+                value: *value,
+            });
+        }
+    }
+    for key in current.frontends.keys() {
+        if !want_fe.contains_key(key) {
+            ops.push(Op::DeleteFrontend { key: *key });
+        }
+    }
+    for &service_id in current.maglev.keys() {
+        if !want_tables.contains(&service_id) {
+            ops.push(Op::DeleteMaglev { service_id });
+        }
+    }
+    for &id in current.backends.keys() {
+        if !want_be.contains_key(&id) {
+            ops.push(Op::FreeBackend { id });
+        }
+    }
+    Ok(ops)
+}
+
+fn service_value(f: &Frontend, sid: u32, backend_count: u32, maglev_size: u32) -> ServiceValue {
+    ServiceValue {
+        service_id: sid,
+        backend_count,
+        maglev_size,
+        affinity_timeout_s: 0,
+        flags: 0,
+        kind: kind_code(f.kind),
+        policy: POLICY_MAGLEV,
+        _pad: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_is_validated() {
+        assert!(PlanConfig::new(16_381).is_ok());
+        assert!(PlanConfig::new(251).is_ok());
+        let e = PlanConfig::new(1000).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "invalid configuration: maglev size 1000 is not prime (next prime: 1009)"
+        );
+        assert!(PlanConfig::new(65_537).is_err());
+        assert!(PlanConfig::new(0).is_err());
+    }
+
+    #[test]
+    fn id_pool_prefers_never_used_ids() {
+        let mut p = IdPool::new(6, [1].into(), [2, 3].into());
+        assert_eq!(p.take(), Some(4));
+        assert_eq!(p.take(), Some(5));
+        assert_eq!(p.take(), Some(2));
+        assert_eq!(p.take(), Some(3));
+        assert_eq!(p.take(), None);
+    }
+}

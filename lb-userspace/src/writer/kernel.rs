@@ -1,0 +1,136 @@
+//! The map writer for the real, pinned BPF maps.
+
+use std::{collections::BTreeMap, path::Path};
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, Map, MapData},
+};
+use lb_common::{
+    BACKEND_FREE, BackendV4, FrontendKeyV4, MAGLEV_CAPACITY, MaglevTable, ServiceValue, pin,
+};
+
+use super::{MapState, MapWriter, Op};
+use crate::error::{Error, Result};
+
+/// Typed handles on the maps the agent writes.
+pub struct KernelMaps {
+    frontends: HashMap<MapData, FrontendKeyV4, ServiceValue>,
+    maglev: HashMap<MapData, u32, MaglevTable>,
+    backends: Array<MapData, BackendV4>,
+}
+
+fn err(map: &str, what: impl std::fmt::Display) -> Error {
+    Error::Datapath(format!("{map}: {what}"))
+}
+
+fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map> {
+    ebpf.take_map(name)
+        .ok_or_else(|| err(name, "map missing from the eBPF object"))
+}
+
+impl KernelMaps {
+    /// Takes the maps out of a loaded object.
+    pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self> {
+        Ok(Self {
+            frontends: take(ebpf, pin::FRONTENDS_V4)?
+                .try_into()
+                .map_err(|e| err(pin::FRONTENDS_V4, e))?,
+            maglev: take(ebpf, pin::MAGLEV)?
+                .try_into()
+                .map_err(|e| err(pin::MAGLEV, e))?,
+            backends: take(ebpf, pin::BACKENDS_V4)?
+                .try_into()
+                .map_err(|e| err(pin::BACKENDS_V4, e))?,
+        })
+    }
+
+    /// Opens the maps pinned in `dir` (`<bpffs-root>/v1`), e.g. to inspect a
+    /// node while the agent is down.
+    pub fn open_pinned(dir: &Path) -> Result<Self> {
+        let open = |name: &'static str| MapData::from_pin(dir.join(name)).map_err(|e| err(name, e));
+        Ok(Self {
+            frontends: HashMap::try_from(Map::HashMap(open(pin::FRONTENDS_V4)?))
+                .map_err(|e| err(pin::FRONTENDS_V4, e))?,
+            maglev: HashMap::try_from(Map::HashMap(open(pin::MAGLEV)?))
+                .map_err(|e| err(pin::MAGLEV, e))?,
+            backends: Array::try_from(Map::Array(open(pin::BACKENDS_V4)?))
+                .map_err(|e| err(pin::BACKENDS_V4, e))?,
+        })
+    }
+}
+
+impl MapWriter for KernelMaps {
+    fn apply(&mut self, ops: &[Op]) -> Result<()> {
+        for op in ops {
+            match op {
+                Op::PutBackend { id, value } => self
+                    .backends
+                    .set(*id, value, 0)
+                    .map_err(|e| err(pin::BACKENDS_V4, format!("set {id}: {e}")))?,
+                Op::PutMaglev {
+                    service_id, table, ..
+                } => self
+                    .maglev
+                    .insert(service_id, table.as_ref(), 0)
+                    .map_err(|e| err(pin::MAGLEV, format!("insert {service_id}: {e}")))?,
+                Op::PutFrontend { key, value } => self
+                    .frontends
+                    .insert(key, value, 0)
+                    .map_err(|e| err(pin::FRONTENDS_V4, format!("insert {key:?}: {e}")))?,
+                Op::DeleteFrontend { key } => self
+                    .frontends
+                    .remove(key)
+                    .map_err(|e| err(pin::FRONTENDS_V4, format!("remove {key:?}: {e}")))?,
+                Op::DeleteMaglev { service_id } => self
+                    .maglev
+                    .remove(service_id)
+                    .map_err(|e| err(pin::MAGLEV, format!("remove {service_id}: {e}")))?,
+                Op::FreeBackend { id } => {
+                    let mut v = self
+                        .backends
+                        .get(id, 0)
+                        .map_err(|e| err(pin::BACKENDS_V4, format!("get {id}: {e}")))?;
+                    v.state = BACKEND_FREE;
+                    self.backends
+                        .set(*id, v, 0)
+                        .map_err(|e| err(pin::BACKENDS_V4, format!("free {id}: {e}")))?
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn read_state(&self) -> Result<MapState> {
+        let mut frontends = BTreeMap::new();
+        for kv in self.frontends.iter() {
+            let (k, v) = kv.map_err(|e| err(pin::FRONTENDS_V4, e))?;
+            frontends.insert(k, v);
+        }
+        let sizes: BTreeMap<u32, u32> = frontends
+            .values()
+            .map(|v: &ServiceValue| (v.service_id, v.maglev_size))
+            .collect();
+        let mut maglev = BTreeMap::new();
+        for key in self.maglev.keys() {
+            let id = key.map_err(|e| err(pin::MAGLEV, e))?;
+            let table = self.maglev.get(&id, 0).map_err(|e| err(pin::MAGLEV, e))?;
+            let size = sizes
+                .get(&id)
+                .map_or(MAGLEV_CAPACITY, |s| (*s as usize).min(MAGLEV_CAPACITY));
+            maglev.insert(id, table.slots[..size].to_vec());
+        }
+        let mut backends = BTreeMap::new();
+        for (id, v) in self.backends.iter().enumerate() {
+            let v = v.map_err(|e| err(pin::BACKENDS_V4, e))?;
+            if v.state != BACKEND_FREE {
+                backends.insert(id as u32, v);
+            }
+        }
+        Ok(MapState {
+            frontends,
+            maglev,
+            backends,
+        })
+    }
+}

@@ -1,0 +1,125 @@
+//! The in-memory twin of the datapath maps, for tests and dry runs.
+
+use std::ops::Deref;
+
+use lb_common::{
+    BACKEND_ACTIVE, BackendV4, FrontendKeyV4, MAGLEV_CAPACITY, MAX_BACKENDS, MAX_FRONTENDS,
+    MAX_SERVICES,
+};
+
+use super::{MapState, MapWriter, Op};
+use crate::error::{Error, Result};
+
+/// A [`MapState`] that behaves like the kernel maps (same capacities, same
+/// whole-value replacement), plus [`MemoryMaps::resolve`], which picks a
+/// backend for a new flow the way the datapath does. Derefs to its state.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MemoryMaps {
+    state: MapState,
+}
+
+impl Deref for MemoryMaps {
+    type Target = MapState;
+
+    fn deref(&self) -> &MapState {
+        &self.state
+    }
+}
+
+impl MemoryMaps {
+    /// Empty maps.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Maps holding `state`.
+    pub fn from_state(state: &MapState) -> Self {
+        Self {
+            state: state.clone(),
+        }
+    }
+
+    /// The backend the datapath picks for a new flow to `key` whose flow
+    /// hash is `flow_hash`: frontend → service → Maglev slot
+    /// `maglev_slot(flow_hash, maglev_size)` → backend. `None` when the
+    /// frontend is unknown, the service has no usable backend, or the slot
+    /// names a backend that is not active in that service.
+    pub fn resolve(&self, key: &FrontendKeyV4, flow_hash: u32) -> Option<BackendV4> {
+        let svc = self.frontends.get(key)?;
+        if svc.backend_count == 0 || svc.maglev_size == 0 {
+            return None;
+        }
+        let table = self.maglev.get(&svc.service_id)?;
+        let slot = lb_common::hash::maglev_slot(flow_hash, svc.maglev_size);
+        let id = *table.get(slot as usize)?;
+        let b = self.backends.get(&id)?;
+        (b.state == BACKEND_ACTIVE && b.service_id == svc.service_id).then_some(*b)
+    }
+
+    /// Checks that nothing the datapath can reach dangles: every frontend
+    /// with backends has a table, and every slot of every table names a
+    /// written backend of that table's service. Describes the first problem
+    /// found. (While a table is being resized its frontends briefly carry
+    /// the old size; a slot beyond the table finds no backend, which the
+    /// datapath treats as "no backend" for that one new flow.)
+    pub fn check_references(&self) -> std::result::Result<(), String> {
+        for (key, v) in &self.frontends {
+            if v.backend_count == 0 {
+                continue;
+            }
+            if !self.maglev.contains_key(&v.service_id) {
+                return Err(format!(
+                    "frontend {key:?} points to service {} without a table",
+                    v.service_id
+                ));
+            }
+        }
+        for (sid, t) in &self.maglev {
+            for id in t {
+                match self.backends.get(id) {
+                    Some(b) if b.service_id == *sid => {}
+                    _ => return Err(format!("table {sid} names backend {id}, not written")),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_one(&mut self, op: &Op) -> Result<()> {
+        let full = |map: &'static str, op: &Op| Error::Map {
+            map,
+            op: format!("{op:?}"),
+            source: std::io::Error::from_raw_os_error(7), // E2BIG, as the kernel says
+        };
+        let over = match op {
+            Op::PutBackend { id, .. } => *id >= MAX_BACKENDS,
+            Op::PutMaglev {
+                service_id, size, ..
+            } => *service_id >= MAX_SERVICES || *size as usize > MAGLEV_CAPACITY,
+            Op::PutFrontend { key, .. } => {
+                !self.frontends.contains_key(key) && self.frontends.len() >= MAX_FRONTENDS as usize
+            }
+            _ => false,
+        };
+        if over {
+            let map = match op {
+                Op::PutBackend { .. } => lb_common::pin::BACKENDS_V4,
+                Op::PutMaglev { .. } => lb_common::pin::MAGLEV,
+                _ => lb_common::pin::FRONTENDS_V4,
+            };
+            return Err(full(map, op));
+        }
+        self.state.apply_op(op);
+        Ok(())
+    }
+}
+
+impl MapWriter for MemoryMaps {
+    fn apply(&mut self, ops: &[Op]) -> Result<()> {
+        ops.iter().try_for_each(|op| self.apply_one(op))
+    }
+
+    fn read_state(&self) -> Result<MapState> {
+        Ok(self.state.clone())
+    }
+}

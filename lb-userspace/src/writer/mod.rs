@@ -1,0 +1,98 @@
+//! The last stage of the pipeline: map operations, and the writers that apply
+//! them (`kernel`: the pinned BPF maps; `memory`: BTreeMaps for tests).
+//!
+//! The planner (`crate::plan`) reads a [`MapState`] and emits [`Op`]s in a
+//! safe order; a writer applies them in the order given and can read its
+//! state back, so the agent re-plans against what the maps really hold (after
+//! a restart, too).
+
+use std::collections::BTreeMap;
+
+use lb_common::{BackendV4, FrontendKeyV4, MaglevTable, ServiceValue};
+
+pub mod kernel;
+pub mod memory;
+
+/// What the datapath maps hold, as far as the planner cares.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapState {
+    /// `LB_FRONTENDS_V4`.
+    pub frontends: BTreeMap<FrontendKeyV4, ServiceValue>,
+    /// `LB_MAGLEV`: service id → the first `maglev_size` slots of its table.
+    pub maglev: BTreeMap<u32, Vec<u32>>,
+    /// `LB_BACKENDS_V4`, only the slots whose state is not `BACKEND_FREE`.
+    pub backends: BTreeMap<u32, BackendV4>,
+}
+
+/// One map write. The planner orders them so that the datapath never sees a
+/// reference to something not yet written: backends, then Maglev tables, then
+/// frontends; removals in the reverse order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Write backend `id` (new backend, or a state change).
+    PutBackend { id: u32, value: BackendV4 },
+    /// Replace the whole Maglev table of a service (one atomic map update).
+    PutMaglev {
+        service_id: u32,
+        table: Box<MaglevTable>,
+        size: u32,
+    },
+    /// Create or replace a frontend.
+    PutFrontend {
+        key: FrontendKeyV4,
+        value: ServiceValue,
+    },
+    /// Remove a frontend.
+    DeleteFrontend { key: FrontendKeyV4 },
+    /// Remove a service's Maglev table.
+    DeleteMaglev { service_id: u32 },
+    /// Mark backend `id` free (array slots cannot be deleted). Flows still
+    /// pinned to it are re-balanced on their next packet.
+    FreeBackend { id: u32 },
+}
+
+/// Applies operations to some set of maps and reads their state back.
+pub trait MapWriter {
+    /// Applies `ops` in order. Stops at the first failure and reports it;
+    /// the operations before it stay applied (each is individually safe).
+    fn apply(&mut self, ops: &[Op]) -> crate::error::Result<()>;
+    /// Reads the current state of the maps.
+    fn read_state(&self) -> crate::error::Result<MapState>;
+}
+
+impl MapState {
+    /// Applies `op` to this picture of the maps, exactly as a writer applies
+    /// it to the maps themselves. The agent keeps its picture current this
+    /// way instead of reading every map back after each sync.
+    pub fn apply_op(&mut self, op: &Op) {
+        match op {
+            Op::PutBackend { id, value } => {
+                if value.state == lb_common::BACKEND_FREE {
+                    self.backends.remove(id);
+                } else {
+                    self.backends.insert(*id, *value);
+                }
+            }
+            Op::PutMaglev {
+                service_id,
+                table,
+                size,
+            } => {
+                let n = (*size as usize).min(table.slots.len());
+                self.maglev.insert(*service_id, table.slots[..n].to_vec());
+            }
+            Op::PutFrontend { key, value } => {
+                self.frontends.insert(*key, *value);
+            }
+            Op::DeleteFrontend { key } => {
+                self.frontends.remove(key);
+            }
+            Op::DeleteMaglev { service_id } => {
+                self.maglev.remove(service_id);
+            }
+            Op::FreeBackend { id } => {
+                self.backends.remove(id);
+            }
+        }
+    }
+}

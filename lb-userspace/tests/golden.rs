@@ -1,0 +1,475 @@
+//! Golden packets through BPF_PROG_TEST_RUN on the real XDP and TC programs.
+//!
+//! The maps are filled by the agent's own pipeline (manifest → translate →
+//! plan → `KernelMaps`), and each expected packet is built independently
+//! with etherparse (which computes its own checksums), so a byte-for-byte
+//! match proves the rewrite and both checksums. The backend a new flow must
+//! get comes from the host reference (`MemoryMaps::resolve` with the shared
+//! flow hash), so kernel and host agree on Maglev.
+//!
+//! Needs root and a BPF-capable kernel: run with `--test-threads=1`
+//! (`cargo xtask test` does).
+
+use std::{collections::BTreeSet, net::Ipv4Addr, path::PathBuf};
+
+use aya::{
+    TestRun,
+    maps::{HashMap, Map, MapData, PerCpuArray},
+    programs::{SchedClassifier, TestRunOptions, TestRunResult, Xdp},
+};
+use etherparse::PacketBuilder;
+use lb_common::{
+    BACKEND_ACTIVE, CT_DIR_FORWARD, CT_DIR_REPLY, CtKeyV4, CtValueV4, FrontendKeyV4, IPPROTO_TCP,
+    IPPROTO_UDP, REASON_MAGLEV, REASON_REBALANCED, Stats, hash::flow_hash_v4, pin,
+};
+use lb_userspace::{
+    loader::{Datapath, LoadOptions, TC_PROGRAM, XDP_PROGRAM, program},
+    plan::{PlanConfig, plan},
+    source::manifests,
+    translate::{NodeContext, translate},
+    writer::{MapWriter, kernel::KernelMaps, memory::MemoryMaps},
+};
+
+const XDP_PASS: u32 = 2;
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_UNSPEC: u32 = u32::MAX; // -1
+
+const NODE: [u8; 4] = [198, 18, 0, 1];
+const CLIENT: [u8; 4] = [198, 18, 0, 2];
+const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 1];
+const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 2];
+
+/// Root (and bpffs) or a loud failure under CI / a loud skip elsewhere.
+fn privileged() -> bool {
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("golden tests need root and a BPF-capable kernel (CI is set, so this is a failure)");
+    }
+    eprintln!("SKIPPED: golden tests need root and a BPF-capable kernel");
+    false
+}
+
+fn manifest(endpoints: &[&str]) -> String {
+    let eps: String = endpoints
+        .iter()
+        .enumerate()
+        .map(|(i, ip)| {
+            format!(
+                "    - addresses: [\"{ip}\"]\n      conditions: {{ready: true}}\n      nodeName: node-a\n      targetRef: {{kind: Pod, name: pod-{i}, namespace: demo}}\n"
+            )
+        })
+        .collect();
+    format!(
+        r#"apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Service
+  metadata: {{name: echo, namespace: demo}}
+  spec:
+    type: NodePort
+    clusterIP: 10.96.0.10
+    ports:
+    - {{name: http, protocol: TCP, port: 80, nodePort: 30090, targetPort: web}}
+    - {{name: dns, protocol: UDP, port: 80, nodePort: 30090, targetPort: 8053}}
+- apiVersion: discovery.k8s.io/v1
+  kind: EndpointSlice
+  metadata:
+    name: echo-abc12
+    namespace: demo
+    labels: {{kubernetes.io/service-name: echo}}
+  addressType: IPv4
+  ports:
+  - {{name: http, protocol: TCP, port: 8080}}
+  - {{name: dns, protocol: UDP, port: 8053}}
+  endpoints:
+{eps}"#
+    )
+}
+
+struct Golden {
+    dp: Datapath,
+    maps: KernelMaps,
+    memory: MemoryMaps,
+    root: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Golden {
+    fn new(endpoints: &[&str]) -> Self {
+        let root = PathBuf::from(format!("/sys/fs/bpf/lb-golden-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let mut dp = Datapath::load(&LoadOptions {
+            bpffs_root: root.clone(),
+            ct_capacity: 4096,
+        })
+        .expect("load datapath");
+        let maps = KernelMaps::from_ebpf(&mut dp.ebpf).expect("maps");
+        let mut g = Self {
+            dp,
+            maps,
+            memory: MemoryMaps::default(),
+            root,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        g.set_endpoints(endpoints);
+        g
+    }
+
+    /// Writes the manifest and runs the agent's pipeline into both the kernel
+    /// maps and the host reference maps.
+    fn set_endpoints(&mut self, endpoints: &[&str]) {
+        let file = self.dir.path().join("svc.yaml");
+        std::fs::write(&file, manifest(endpoints)).unwrap();
+        let objects = manifests::load(&file).expect("manifest");
+        let node = NodeContext {
+            node_name: "node-a".into(),
+            node_addrs: vec![Ipv4Addr::from(NODE)],
+        };
+        let desired = translate(&objects, &node).expect("translate").desired;
+        let current = self.maps.read_state().expect("read state");
+        let ops = plan(&current, &desired, &PlanConfig { maglev_size: 251 }).expect("plan");
+        self.maps.apply(&ops).expect("apply");
+        self.memory.apply(&ops).expect("apply to memory");
+        assert_eq!(
+            self.maps.read_state().unwrap(),
+            self.memory.read_state().unwrap()
+        );
+    }
+
+    fn xdp(&mut self, pkt: &[u8]) -> (u32, Vec<u8>) {
+        let prog: &mut Xdp = program(&mut self.dp.ebpf, XDP_PROGRAM).unwrap();
+        run(prog, pkt)
+    }
+
+    fn tc(&mut self, pkt: &[u8]) -> (u32, Vec<u8>) {
+        let prog: &mut SchedClassifier = program(&mut self.dp.ebpf, TC_PROGRAM).unwrap();
+        run(prog, pkt)
+    }
+
+    fn pinned(&self, name: &str) -> MapData {
+        MapData::from_pin(self.root.join("v1").join(name)).unwrap()
+    }
+
+    fn stats(&self) -> Stats {
+        let m: PerCpuArray<_, Stats> =
+            PerCpuArray::try_from(Map::PerCpuArray(self.pinned(pin::STATS))).unwrap();
+        let per_cpu = m.get(&0, 0).unwrap();
+        let mut s = Stats::default();
+        for c in per_cpu.iter() {
+            s.xdp_packets += c.xdp_packets;
+            s.pass_not_ipv4 += c.pass_not_ipv4;
+            s.pass_other_proto += c.pass_other_proto;
+            s.pass_not_service += c.pass_not_service;
+            s.pass_truncated += c.pass_truncated;
+            s.pass_ip_options += c.pass_ip_options;
+            s.pass_fragment += c.pass_fragment;
+            s.pass_no_backend += c.pass_no_backend;
+            s.new_flows += c.new_flows;
+            s.established += c.established;
+            s.rebalanced += c.rebalanced;
+            s.tc_reverse_nat += c.tc_reverse_nat;
+        }
+        s
+    }
+
+    fn ct(&self, key: &CtKeyV4) -> Option<CtValueV4> {
+        let m: HashMap<_, CtKeyV4, CtValueV4> =
+            HashMap::try_from(Map::LruHashMap(self.pinned(pin::CONNTRACK_V4))).unwrap();
+        m.get(key, 0).ok()
+    }
+
+    /// The backend the host reference picks for a new flow.
+    fn expected_backend(&self, sport: u16, dport: u16, proto: u8) -> ([u8; 4], u16) {
+        let key = FrontendKeyV4 {
+            addr: NODE,
+            port_be: dport.to_be(),
+            proto,
+            _pad: 0,
+        };
+        let h = flow_hash_v4(CLIENT, NODE, sport.to_be(), dport.to_be(), proto);
+        let be = self
+            .memory
+            .resolve(&key, h)
+            .expect("reference picks a backend");
+        assert_eq!(be.state, BACKEND_ACTIVE);
+        (be.addr, u16::from_be(be.port_be))
+    }
+}
+
+impl Drop for Golden {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+fn run<P>(prog: &mut P, pkt: &[u8]) -> (u32, Vec<u8>)
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
+{
+    let mut out = vec![0u8; pkt.len() + 256];
+    let r = prog
+        .test_run(TestRunOptions {
+            data_in: Some(pkt),
+            data_out: Some(&mut out),
+            repeat: 1,
+            ..Default::default()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    out.truncate(r.data_size_out as usize);
+    (r.return_value, out)
+}
+
+fn tcp(src: ([u8; 4], u16), dst: ([u8; 4], u16), syn: bool, payload: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(src.0, dst.0, 64)
+        .tcp(src.1, dst.1, 1000, 64240);
+    let b = if syn { b.syn() } else { b.ack(1) };
+    let mut v = Vec::new();
+    b.write(&mut v, payload).unwrap();
+    v
+}
+
+fn udp(src: ([u8; 4], u16), dst: ([u8; 4], u16), payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(src.0, dst.0, 64)
+        .udp(src.1, dst.1)
+        .write(&mut v, payload)
+        .unwrap();
+    v
+}
+
+const PODS: [&str; 3] = ["198.18.1.11", "198.18.1.12", "198.18.1.13"];
+
+#[test]
+fn tcp_syn_is_dnated_to_the_maglev_backend_with_valid_checksums() {
+    if !privileged() {
+        return;
+    }
+    let mut g = Golden::new(&PODS);
+    let before = g.stats();
+    let input = tcp((CLIENT, 40_000), (NODE, 30090), true, b"");
+    let (verdict, out) = g.xdp(&input);
+    assert_eq!(verdict, XDP_PASS);
+    let be = g.expected_backend(40_000, 30090, IPPROTO_TCP);
+    assert_eq!(be.1, 8080);
+    assert_eq!(
+        out,
+        tcp((CLIENT, 40_000), be, true, b""),
+        "DNAT'd SYN differs from the golden packet"
+    );
+
+    // Both conntrack entries are there, with the reason.
+    let fwd = g
+        .ct(&CtKeyV4 {
+            src_addr: CLIENT,
+            dst_addr: NODE,
+            src_port_be: 40_000u16.to_be(),
+            dst_port_be: 30090u16.to_be(),
+            proto: IPPROTO_TCP,
+            dir: CT_DIR_FORWARD,
+            _pad: [0; 2],
+        })
+        .expect("forward conntrack entry");
+    assert_eq!(fwd.reason, REASON_MAGLEV);
+    assert_eq!((fwd.nat_addr, u16::from_be(fwd.nat_port_be)), be);
+    let rev = g
+        .ct(&CtKeyV4 {
+            src_addr: be.0,
+            dst_addr: CLIENT,
+            src_port_be: be.1.to_be(),
+            dst_port_be: 40_000u16.to_be(),
+            proto: IPPROTO_TCP,
+            dir: CT_DIR_REPLY,
+            _pad: [0; 2],
+        })
+        .expect("reply conntrack entry");
+    assert_eq!((rev.nat_addr, u16::from_be(rev.nat_port_be)), (NODE, 30090));
+    let after = g.stats();
+    assert_eq!(after.new_flows - before.new_flows, 1);
+
+    // The next packet of the flow is an established hit, same backend.
+    let data = tcp(
+        (CLIENT, 40_000),
+        (NODE, 30090),
+        false,
+        b"GET / HTTP/1.1\r\n\r\n",
+    );
+    let (verdict, out) = g.xdp(&data);
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(
+        out,
+        tcp((CLIENT, 40_000), be, false, b"GET / HTTP/1.1\r\n\r\n")
+    );
+    assert_eq!(g.stats().established - after.established, 1);
+}
+
+#[test]
+fn udp_is_dnated_and_a_zero_checksum_stays_zero() {
+    if !privileged() {
+        return;
+    }
+    let mut g = Golden::new(&PODS);
+    let input = udp((CLIENT, 5353), (NODE, 30090), b"hello");
+    let (verdict, out) = g.xdp(&input);
+    assert_eq!(verdict, XDP_PASS);
+    let be = g.expected_backend(5353, 30090, IPPROTO_UDP);
+    assert_eq!(be.1, 8053);
+    assert_eq!(out, udp((CLIENT, 5353), be, b"hello"));
+
+    // Same flow, checksum 0 ("none"): must stay 0, IPv4 checksum still right.
+    let mut zero = udp((CLIENT, 5353), (NODE, 30090), b"again");
+    zero[40..42].copy_from_slice(&[0, 0]);
+    let (verdict, out) = g.xdp(&zero);
+    assert_eq!(verdict, XDP_PASS);
+    let mut expect = udp((CLIENT, 5353), be, b"again");
+    expect[40..42].copy_from_slice(&[0, 0]);
+    assert_eq!(out, expect);
+}
+
+#[test]
+fn non_service_and_malformed_packets_pass_untouched_and_are_counted() {
+    if !privileged() {
+        return;
+    }
+    let mut g = Golden::new(&PODS);
+    let s0 = g.stats();
+
+    // TCP to a port with no service.
+    let other = tcp((CLIENT, 40_001), (NODE, 9000), true, b"");
+    assert_eq!(g.xdp(&other), (XDP_PASS, other.clone()));
+    // ICMP echo.
+    let mut icmp = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(CLIENT, NODE, 64)
+        .icmpv4_echo_request(1, 1)
+        .write(&mut icmp, b"ping")
+        .unwrap();
+    assert_eq!(g.xdp(&icmp), (XDP_PASS, icmp.clone()));
+    // ARP-like non-IPv4 frame.
+    let mut arp = vec![0xffu8; 6];
+    arp.extend_from_slice(&MAC_A);
+    arp.extend_from_slice(&[0x08, 0x06]);
+    arp.extend_from_slice(&[0u8; 28]);
+    assert_eq!(g.xdp(&arp), (XDP_PASS, arp.clone()));
+    // Truncated: a service SYN cut inside the TCP header.
+    let syn = tcp((CLIENT, 40_002), (NODE, 30090), true, b"");
+    let cut = syn[..40].to_vec();
+    assert_eq!(g.xdp(&cut), (XDP_PASS, cut.clone()));
+    // IPv4 options (IHL 6): a service SYN with 4 bytes of NOP options.
+    let mut opts = syn[..34].to_vec();
+    opts.extend_from_slice(&[1, 1, 1, 0]);
+    opts.extend_from_slice(&syn[34..]);
+    opts[14] = 0x46;
+    opts[17] += 4; // total length
+    assert_eq!(g.xdp(&opts), (XDP_PASS, opts.clone()));
+    // Fragment: MF set on a service packet.
+    let mut frag = syn.clone();
+    frag[20] |= 0x20;
+    assert_eq!(g.xdp(&frag), (XDP_PASS, frag.clone()));
+
+    let s = g.stats();
+    assert_eq!(s.pass_not_service - s0.pass_not_service, 1);
+    assert_eq!(s.pass_other_proto - s0.pass_other_proto, 1);
+    assert_eq!(s.pass_not_ipv4 - s0.pass_not_ipv4, 1);
+    assert_eq!(s.pass_truncated - s0.pass_truncated, 1);
+    assert_eq!(s.pass_ip_options - s0.pass_ip_options, 1);
+    assert_eq!(s.pass_fragment - s0.pass_fragment, 1);
+    assert_eq!(
+        s.new_flows, s0.new_flows,
+        "no malformed packet may create a flow"
+    );
+}
+
+#[test]
+fn tc_rewrites_the_reply_source_back_to_the_frontend() {
+    if !privileged() {
+        return;
+    }
+    let mut g = Golden::new(&PODS);
+    let syn = tcp((CLIENT, 40_003), (NODE, 30090), true, b"");
+    assert_eq!(g.xdp(&syn).0, XDP_PASS);
+    let be = g.expected_backend(40_003, 30090, IPPROTO_TCP);
+
+    let reply = tcp(be, (CLIENT, 40_003), false, b"HTTP/1.1 200 OK\r\n\r\npod");
+    let (verdict, out) = g.tc(&reply);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(
+        out,
+        tcp(
+            (NODE, 30090),
+            (CLIENT, 40_003),
+            false,
+            b"HTTP/1.1 200 OK\r\n\r\npod"
+        )
+    );
+
+    // UDP reply too.
+    let q = udp((CLIENT, 5400), (NODE, 30090), b"q");
+    assert_eq!(g.xdp(&q).0, XDP_PASS);
+    let ube = g.expected_backend(5400, 30090, IPPROTO_UDP);
+    let (verdict, out) = g.tc(&udp(ube, (CLIENT, 5400), b"pod-1"));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, udp((NODE, 30090), (CLIENT, 5400), b"pod-1"));
+
+    // A packet of no tracked flow continues untouched.
+    let stray = tcp(([198, 18, 1, 99], 8080), (CLIENT, 40_003), false, b"x");
+    assert_eq!(g.tc(&stray), (TC_ACT_UNSPEC, stray.clone()));
+}
+
+#[test]
+fn flow_is_rebalanced_when_its_backend_is_removed() {
+    if !privileged() {
+        return;
+    }
+    let mut g = Golden::new(&PODS);
+    let syn = tcp((CLIENT, 40_004), (NODE, 30090), true, b"");
+    g.xdp(&syn);
+    let be = g.expected_backend(40_004, 30090, IPPROTO_TCP);
+    let gone = Ipv4Addr::from(be.0).to_string();
+    let rest: Vec<&str> = PODS.iter().copied().filter(|p| *p != gone).collect();
+    g.set_endpoints(&rest);
+
+    let s0 = g.stats();
+    let data = tcp((CLIENT, 40_004), (NODE, 30090), false, b"more");
+    let (verdict, out) = g.xdp(&data);
+    assert_eq!(verdict, XDP_PASS);
+    let now = g.expected_backend(40_004, 30090, IPPROTO_TCP);
+    assert_ne!(now.0, be.0);
+    assert_eq!(out, tcp((CLIENT, 40_004), now, false, b"more"));
+    assert_eq!(g.stats().rebalanced - s0.rebalanced, 1);
+    let fwd = g
+        .ct(&CtKeyV4 {
+            src_addr: CLIENT,
+            dst_addr: NODE,
+            src_port_be: 40_004u16.to_be(),
+            dst_port_be: 30090u16.to_be(),
+            proto: IPPROTO_TCP,
+            dir: CT_DIR_FORWARD,
+            _pad: [0; 2],
+        })
+        .unwrap();
+    assert_eq!(fwd.reason, REASON_REBALANCED);
+
+    // Flows pinned to the surviving backends keep them: add a fourth pod and
+    // check an established flow does not move even if Maglev would move it.
+    let mut pinned = BTreeSet::new();
+    for port in 41_000..41_030u16 {
+        g.xdp(&tcp((CLIENT, port), (NODE, 30090), true, b""));
+        pinned.insert((port, g.expected_backend(port, 30090, IPPROTO_TCP)));
+    }
+    let mut four = rest.clone();
+    four.push("198.18.1.14");
+    g.set_endpoints(&four);
+    for (port, be) in pinned {
+        let (_, out) = g.xdp(&tcp((CLIENT, port), (NODE, 30090), false, b"x"));
+        assert_eq!(
+            out,
+            tcp((CLIENT, port), be, false, b"x"),
+            "flow from port {port} moved"
+        );
+    }
+}
