@@ -1,0 +1,230 @@
+//! The `lb-agent` process under test: started in the node namespace with
+//! `nsenter --net` (so it sees the host's bpffs), watched through its log,
+//! reloaded with SIGHUP, stopped with SIGTERM.
+
+use std::{
+    fs::File,
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+
+use super::netns::Netns;
+use crate::cmd;
+
+/// How long to wait for a `synced` (or `reload rejected`) log line.
+pub const SYNC_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long the agent gets to exit after SIGTERM before SIGKILL.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// The log marker of a successful map sync (initial and after each reload).
+pub const SYNCED: &str = "synced";
+/// The log marker of a reload that kept the previous state.
+pub const REJECTED: &str = "reload rejected";
+/// The log marker of the programs attached to one interface. The agent's
+/// first `synced` comes before it attaches, so start-up waits for both.
+pub const ATTACHED: &str = "attached XDP";
+
+/// The agent binary: `LB_AGENT_BIN`, else `<target>/debug/lb-agent`.
+pub fn binary() -> Result<PathBuf> {
+    let bin = match std::env::var_os("LB_AGENT_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => crate::build::agent_path(false),
+    };
+    if !bin.is_file() {
+        bail!(
+            "lb-agent binary {} not found: build it with `cargo xtask build` \
+             (or set LB_AGENT_BIN)",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// A running agent; stopped (SIGTERM, then SIGKILL) on drop.
+#[derive(Debug)]
+pub struct Agent {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+/// How the agent was started.
+#[derive(Debug, Clone)]
+pub struct AgentConfig<'a> {
+    /// The `lb-agent` binary.
+    pub bin: &'a Path,
+    /// Interfaces to attach to, inside the node namespace.
+    pub interfaces: &'a [&'a str],
+    /// `--manifests`.
+    pub manifests: &'a Path,
+    /// `--node-name`.
+    pub node_name: &'a str,
+    /// `--bpffs-root`.
+    pub bpffs_root: &'a Path,
+    /// Where stdout and stderr go.
+    pub log: &'a Path,
+}
+
+impl Agent {
+    /// Starts the agent in `node` and waits for its first `synced` line and
+    /// an `attached XDP` line per interface.
+    pub fn start(node: &Netns, cfg: &AgentConfig<'_>) -> Result<Self> {
+        let log = File::create(cfg.log).with_context(|| format!("create {}", cfg.log.display()))?;
+        let mut command = Command::new(cmd::program("nsenter"));
+        command
+            .arg(format!("--net={}", node.path().display()))
+            .arg(cfg.bin)
+            .arg("run");
+        for iface in cfg.interfaces {
+            command.args(["--interface", iface]);
+        }
+        command
+            .arg("--manifests")
+            .arg(cfg.manifests)
+            .args(["--node-name", cfg.node_name])
+            .arg("--bpffs-root")
+            .arg(cfg.bpffs_root)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or("info".into()),
+            )
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            // Its own process group: a Ctrl-C in the terminal reaches the
+            // demo, which then stops the agent in order.
+            .process_group(0);
+        // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+        // If this process dies without cleaning up, the agent gets SIGTERM
+        // (when the thread that started it ends, so start it from a thread
+        // that outlives it).
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        eprintln!("lab: {}", cmd::display(&command));
+        let child = command.spawn().context("spawn nsenter lb-agent")?;
+        let mut agent = Self {
+            child: Some(child),
+            log: cfg.log.to_owned(),
+        };
+        agent.wait_for(SYNCED, 1)?;
+        agent.wait_for(ATTACHED, cfg.interfaces.len())?;
+        Ok(agent)
+    }
+
+    /// The agent's pid.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Path of the log file.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// Number of log lines that contain `marker` (`synced` lines that say
+    /// `reload rejected` are not counted as syncs).
+    pub fn count(&self, marker: &str) -> usize {
+        self.log()
+            .lines()
+            .filter(|l| l.contains(marker) && (marker != SYNCED || !l.contains(REJECTED)))
+            .count()
+    }
+
+    /// Waits until `marker` appears on at least `n` lines; fails, with the
+    /// log, on timeout or if the agent exits.
+    pub fn wait_for(&mut self, marker: &str, n: usize) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            if self.count(marker) >= n {
+                return Ok(());
+            }
+            if let Some(status) = self.exited()? {
+                bail!(
+                    "lb-agent exited ({status}) before logging `{marker}` #{n}; log:\n{}",
+                    self.log()
+                );
+            }
+            if start.elapsed() > SYNC_TIMEOUT {
+                bail!(
+                    "no `{marker}` #{n} in the lb-agent log after {SYNC_TIMEOUT:?}; log:\n{}",
+                    self.log()
+                );
+            }
+            if super::interrupted() {
+                bail!("interrupted");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends SIGHUP and waits for the next line with `marker` (`synced` for
+    /// a good manifest, `reload rejected` for a bad one).
+    pub fn reload(&mut self, marker: &str) -> Result<()> {
+        let before = self.count(marker);
+        self.signal(Signal::SIGHUP)?;
+        self.wait_for(marker, before + 1)
+    }
+
+    /// Sends `signal` to the agent.
+    pub fn signal(&self, signal: Signal) -> Result<()> {
+        let pid = self.pid().context("agent already stopped")?;
+        kill(Pid::from_raw(pid as i32), signal).with_context(|| format!("kill -{signal} {pid}"))
+    }
+
+    /// Some(status) when the agent has exited.
+    fn exited(&mut self) -> Result<Option<ExitStatus>> {
+        match self.child.as_mut() {
+            Some(child) => Ok(child.try_wait()?),
+            None => bail!("agent already stopped"),
+        }
+    }
+
+    /// SIGTERM, wait up to [`STOP_TIMEOUT`], then SIGKILL. Returns how it
+    /// exited (`None` when it had to be killed).
+    pub fn stop(&mut self) -> Result<Option<ExitStatus>> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(None);
+        };
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+        let start = Instant::now();
+        while start.elapsed() < STOP_TIMEOUT {
+            if let Some(status) = child.try_wait()? {
+                return Ok(Some(status));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("lab: lb-agent did not exit within {STOP_TIMEOUT:?} of SIGTERM; killing it");
+        child.kill()?;
+        child.wait()?;
+        Ok(None)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop() {
+            eprintln!("lab: stopping lb-agent: {e:#}");
+        }
+    }
+}

@@ -1,0 +1,177 @@
+//! Client requests, meant to run on a thread inside the client namespace
+//! (see [`super::Lab::in_client`]). Every request uses a fresh socket, so a
+//! fresh source port and a new flow for the load balancer.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    io::{BufRead as _, BufReader, ErrorKind, Read as _, Write as _},
+    net::{SocketAddr, TcpStream, UdpSocket},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+/// Connect and read timeout of every client socket.
+pub const TIMEOUT: Duration = Duration::from_secs(2);
+
+/// One HTTP GET on a new TCP connection; returns the body, trimmed (the
+/// answering pod's name).
+pub fn http_get(addr: SocketAddr) -> Result<String> {
+    let mut stream =
+        TcpStream::connect_timeout(&addr, TIMEOUT).with_context(|| format!("connect {addr}"))?;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    stream.set_write_timeout(Some(TIMEOUT))?;
+    write!(
+        stream,
+        "GET / HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: xtask-lab\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .with_context(|| format!("read HTTP response from {addr}"))?;
+    let Some((head, body)) = response.split_once("\r\n\r\n") else {
+        bail!("truncated HTTP response from {addr}: {response:?}");
+    };
+    if !head.starts_with("HTTP/1.1 200 ") {
+        bail!("unexpected HTTP status from {addr}: {head:?}");
+    }
+    Ok(body.trim().to_owned())
+}
+
+/// One UDP datagram from a new socket; returns the answer. Sends once more
+/// (same socket) when the first answer does not come within [`TIMEOUT`].
+pub fn udp_ask(addr: SocketAddr) -> Result<String> {
+    let socket = UdpSocket::bind(("0.0.0.0", 0)).context("bind UDP socket")?;
+    socket.connect(addr)?;
+    socket.set_read_timeout(Some(TIMEOUT))?;
+    let mut buf = [0u8; 1500];
+    for attempt in 0..2 {
+        socket.send(b"hello\n")?;
+        match socket.recv(&mut buf) {
+            Ok(n) => return Ok(String::from_utf8_lossy(&buf[..n]).trim().to_owned()),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                if attempt == 1 {
+                    bail!("no UDP answer from {addr} after 2 tries");
+                }
+            }
+            Err(e) => return Err(e).with_context(|| format!("UDP to {addr}")),
+        }
+    }
+    unreachable!("the loop returns on its second attempt")
+}
+
+/// A long-lived TCP connection in echo mode.
+#[derive(Debug)]
+pub struct EchoConn {
+    writer: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl EchoConn {
+    /// Connects (call this inside the client namespace; the connection can
+    /// then be used from any thread).
+    pub fn connect(addr: SocketAddr) -> Result<Self> {
+        let stream = TcpStream::connect_timeout(&addr, TIMEOUT)
+            .with_context(|| format!("connect {addr}"))?;
+        stream.set_read_timeout(Some(TIMEOUT))?;
+        stream.set_write_timeout(Some(TIMEOUT))?;
+        stream.set_nodelay(true)?;
+        Ok(Self {
+            reader: BufReader::new(stream.try_clone()?),
+            writer: stream,
+        })
+    }
+
+    /// Sends `line`, reads the answer `<pod> <line>` and returns the pod.
+    pub fn ask(&mut self, line: &str) -> Result<String> {
+        writeln!(self.writer, "{line}")?;
+        let mut answer = String::new();
+        if self.reader.read_line(&mut answer)? == 0 {
+            bail!("connection closed by the server");
+        }
+        let answer = answer.trim_end();
+        match answer.split_once(' ') {
+            Some((pod, echoed)) if echoed == line => Ok(pod.to_owned()),
+            _ => bail!("unexpected echo answer {answer:?} to {line:?}"),
+        }
+    }
+}
+
+/// Answers counted by responder, and the errors.
+#[derive(Debug, Default, Clone)]
+pub struct Tally {
+    /// Answers per responder name.
+    pub by_pod: BTreeMap<String, usize>,
+    /// Each answer in order (`None`: failed).
+    pub answers: Vec<Option<String>>,
+    /// The failures, in order.
+    pub errors: Vec<String>,
+}
+
+impl Tally {
+    /// Runs `request` `n` times and counts the results.
+    pub fn collect(n: usize, mut request: impl FnMut() -> Result<String>) -> Self {
+        let mut tally = Self::default();
+        for _ in 0..n {
+            if super::interrupted() {
+                tally.errors.push("interrupted".to_owned());
+                break;
+            }
+            tally.record(request());
+        }
+        tally
+    }
+
+    /// Adds one result.
+    pub fn record(&mut self, result: Result<String>) {
+        match result {
+            Ok(pod) => {
+                *self.by_pod.entry(pod.clone()).or_default() += 1;
+                self.answers.push(Some(pod));
+            }
+            Err(e) => {
+                self.errors.push(format!("{e:#}"));
+                self.answers.push(None);
+            }
+        }
+    }
+
+    /// Number of requests made.
+    pub fn total(&self) -> usize {
+        self.answers.len()
+    }
+
+    /// Number answered.
+    pub fn answered(&self) -> usize {
+        self.by_pod.values().sum()
+    }
+
+    /// Answers from `pod`.
+    pub fn count(&self, pod: &str) -> usize {
+        self.by_pod.get(pod).copied().unwrap_or(0)
+    }
+
+    /// The share of answers from `pod`, 0.0..=1.0 (of the requests made).
+    pub fn share(&self, pod: &str) -> f64 {
+        if self.total() == 0 {
+            return 0.0;
+        }
+        self.count(pod) as f64 / self.total() as f64
+    }
+}
+
+impl fmt::Display for Tally {
+    /// `answered/total` and the count per responder, e.g.
+    /// `300/300 answered: pod-1=97 pod-2=104 pod-3=99`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{} answered:", self.answered(), self.total())?;
+        for (pod, n) in &self.by_pod {
+            write!(f, " {pod}={n}")?;
+        }
+        if let Some(first) = self.errors.first() {
+            write!(f, " ({} errors, first: {first})", self.errors.len())?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,113 @@
+//! The manifests the lab feeds the agent: what
+//! `kubectl get svc,endpointslices -A -o yaml` prints for one NodePort
+//! service `demo/echo` (TCP and UDP on node port 30090).
+
+use std::{fmt::Write as _, net::Ipv4Addr};
+
+/// The service's node port (TCP and UDP).
+pub const NODE_PORT: u16 = 30090;
+/// The port the pods listen on (TCP and UDP).
+pub const POD_PORT: u16 = 8080;
+/// The node name the endpoints are on, and the agent's `--node-name`.
+pub const NODE_NAME: &str = "node-a";
+
+/// A `kind: List` with the Service `demo/echo` and one EndpointSlice whose
+/// ready endpoints are `endpoints`.
+///
+/// Like the EndpointSlice controller, the slice names each port after the
+/// Service port it serves (`http`, `echo-udp`) and gives the resolved target
+/// port number; the Service's `http` port targets the named container port
+/// `web`.
+pub fn echo_service(endpoints: &[Ipv4Addr]) -> String {
+    let mut yaml = String::from(
+        "apiVersion: v1
+kind: List
+metadata:
+  resourceVersion: \"\"
+items:
+- apiVersion: v1
+  kind: Service
+  metadata:
+    name: echo
+    namespace: demo
+    labels:
+      app: echo
+  spec:
+    type: NodePort
+    selector:
+      app: echo
+    clusterIP: 10.96.0.90
+    clusterIPs:
+    - 10.96.0.90
+    ipFamilies:
+    - IPv4
+    ports:
+    - name: http
+      protocol: TCP
+      port: 80
+      targetPort: web
+      nodePort: 30090
+    - name: echo-udp
+      protocol: UDP
+      port: 80
+      targetPort: 8080
+      nodePort: 30090
+- apiVersion: discovery.k8s.io/v1
+  kind: EndpointSlice
+  metadata:
+    name: echo-x7k2p
+    namespace: demo
+    labels:
+      kubernetes.io/service-name: echo
+      endpointslice.kubernetes.io/managed-by: endpointslice-controller.k8s.io
+  addressType: IPv4
+  ports:
+  - name: http
+    protocol: TCP
+    port: 8080
+  - name: echo-udp
+    protocol: UDP
+    port: 8080
+  endpoints:
+",
+    );
+    for (i, addr) in endpoints.iter().enumerate() {
+        let _ = write!(
+            yaml,
+            "  - addresses:
+    - {addr}
+    conditions:
+      ready: true
+      serving: true
+      terminating: false
+    nodeName: {NODE_NAME}
+    targetRef:
+      kind: Pod
+      name: echo-{i}
+      namespace: demo
+"
+        );
+    }
+    if endpoints.is_empty() {
+        yaml.push_str("  []\n");
+    }
+    yaml
+}
+
+/// A manifest the agent must reject (broken YAML).
+pub const MALFORMED: &str =
+    "apiVersion: v1\nkind: List\nitems:\n- kind: Service\n  spec: {ports: [\n";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_every_endpoint() {
+        let yaml = echo_service(&[Ipv4Addr::new(198, 18, 1, 11), Ipv4Addr::new(198, 18, 1, 12)]);
+        assert!(yaml.contains("    - 198.18.1.11\n"));
+        assert!(yaml.contains("    - 198.18.1.12\n"));
+        assert_eq!(yaml.matches("nodeName: node-a").count(), 2);
+        assert!(yaml.contains("nodePort: 30090"));
+    }
+}

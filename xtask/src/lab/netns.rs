@@ -1,0 +1,189 @@
+//! Named network namespaces (`ip netns`), running code inside one, and
+//! removing what a crashed earlier run left behind.
+
+use std::{fs::File, path::PathBuf, process::Command, thread};
+
+use anyhow::{Context as _, Result, anyhow};
+use nix::sched::{CloneFlags, setns};
+
+use crate::cmd;
+
+/// Prefix of every namespace and bpffs directory the lab creates:
+/// `lbt-<pid>-<n>-<role>`.
+pub const PREFIX: &str = "lbt-";
+
+/// A named network namespace, deleted on drop.
+#[derive(Debug)]
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Creates the namespace `name` with `lo` up.
+    pub fn create(name: String) -> Result<Self> {
+        cmd::quiet(Command::new(cmd::program("ip")).args(["netns", "add", &name]))?;
+        let ns = Self { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// The namespace's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its file under `/run/netns`.
+    pub fn path(&self) -> PathBuf {
+        path_of(&self.name)
+    }
+
+    /// Runs `ip -n <ns> ARGS`.
+    pub fn ip(&self, args: &[&str]) -> Result<()> {
+        cmd::quiet(
+            Command::new(cmd::program("ip"))
+                .args(["-n", &self.name])
+                .args(args),
+        )
+    }
+
+    /// A command that runs `program` in this namespace only (`nsenter --net`,
+    /// which keeps the host's mounts, so bpffs stays visible).
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new(cmd::program("nsenter"));
+        c.arg(format!("--net={}", self.path().display()))
+            .arg(cmd::program(program));
+        c
+    }
+
+    /// Sets a sysctl inside the namespace (`net.*` keys are per namespace).
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        cmd::quiet(
+            self.command("sysctl")
+                .arg("-q")
+                .arg("-w")
+                .arg(format!("{key}={value}")),
+        )
+    }
+
+    /// Runs `f` on a thread that has entered this namespace; see [`in_netns`].
+    pub fn run<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        in_netns(&self.name, f)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Err(e) = delete(&self.name) {
+            eprintln!("lab: cleanup: {e:#}");
+        }
+    }
+}
+
+/// `/run/netns/<name>`.
+pub fn path_of(name: &str) -> PathBuf {
+    PathBuf::from("/run/netns").join(name)
+}
+
+/// Runs `f` on a new thread that first enters the network namespace `name`,
+/// and returns its result. Sockets created by `f` stay in that namespace
+/// whatever thread uses them later, and threads `f` spawns inherit it.
+pub fn in_netns<T, F>(name: &str, f: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    let path = path_of(name);
+    let file = File::open(&path).with_context(|| format!("open {}", path.display()))?;
+    let handle = thread::Builder::new()
+        .name(format!("netns-{name}"))
+        .spawn(move || -> Result<T> {
+            setns(&file, CloneFlags::CLONE_NEWNET)
+                .with_context(|| format!("setns into {}", path.display()))?;
+            Ok(f())
+        })
+        .context("spawn thread")?;
+    handle
+        .join()
+        .map_err(|_| anyhow!("thread inside netns {name} panicked"))?
+}
+
+/// Deletes a namespace, first killing any process still inside it.
+fn delete(name: &str) -> Result<()> {
+    if !path_of(name).exists() {
+        return Ok(());
+    }
+    if let Ok(pids) = cmd::output(Command::new(cmd::program("ip")).args(["netns", "pids", name])) {
+        for pid in pids
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+        {
+            if pid != std::process::id() as i32 {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+    cmd::quiet(Command::new(cmd::program("ip")).args(["netns", "del", name]))
+}
+
+/// The pid that created a lab name `lbt-<pid>-...`.
+fn owner_pid(name: &str) -> Option<u32> {
+    name.strip_prefix(PREFIX)?.split('-').next()?.parse().ok()
+}
+
+/// Whether the process that created `name` is gone (so the object is a
+/// leftover of a crashed run and safe to remove).
+fn is_stale(name: &str) -> bool {
+    owner_pid(name).is_some_and(|pid| !PathBuf::from(format!("/proc/{pid}")).exists())
+}
+
+/// Removes namespaces (with their processes), bpffs directories and temporary
+/// directories left by
+/// lab runs whose process no longer exists. Labs of live processes (another
+/// test run at the same time) are left alone.
+pub fn remove_stale() {
+    if let Ok(list) = std::fs::read_dir("/run/netns") {
+        for entry in list.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if is_stale(&name) {
+                eprintln!("lab: removing leftover namespace {name}");
+                if let Err(e) = delete(&name) {
+                    eprintln!("lab: {e:#}");
+                }
+            }
+        }
+    }
+    // Pins, and the temporary directories (logs) of failed runs.
+    for dir in [PathBuf::from(super::BPFFS), std::env::temp_dir()] {
+        let Ok(list) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in list.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if is_stale(&name) {
+                eprintln!("lab: removing leftover {}", entry.path().display());
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owner_pid_parses_lab_names() {
+        assert_eq!(owner_pid("lbt-1234-1-node"), Some(1234));
+        assert_eq!(owner_pid("lbt-1234-2"), Some(1234));
+        assert_eq!(owner_pid("other-1234"), None);
+        assert_eq!(owner_pid("lbt-x-1"), None);
+        assert!(!is_stale(&format!("lbt-{}-1-node", std::process::id())));
+    }
+}
