@@ -39,6 +39,16 @@ pub const FRONTEND_LOADBALANCER: u8 = 2;
 /// [`crate::maps::ServiceValue::kind`]: the frontend is one of `spec.externalIPs`.
 pub const FRONTEND_EXTERNAL_IP: u8 = 3;
 
+/// [`crate::maps::ServiceValue::flags`]: this frontend only admits clients in
+/// the service's `loadBalancerSourceRanges` (`LB_SRC_RANGES_V4`); others are
+/// dropped and counted.
+pub const SVC_F_SOURCE_RANGES: u16 = 1;
+/// [`crate::maps::ServiceValue::flags`]: with no usable backend, drop instead
+/// of rejecting (kube-proxy drops external traffic of an
+/// `externalTrafficPolicy: Local` service that has no local endpoint, so a
+/// load balancer's health check steers clients elsewhere).
+pub const SVC_F_DROP_NO_BACKEND: u16 = 2;
+
 /// [`crate::maps::ServiceValue::policy`]: per-flow Maglev hashing (default).
 pub const POLICY_MAGLEV: u8 = 0;
 
@@ -77,6 +87,17 @@ pub const REASON_MAGLEV: u8 = 1;
 /// re-balanced through the Maglev table.
 pub const REASON_REBALANCED: u8 = 2;
 
+/// [`crate::maps::CtValueV4::reason`]: session affinity (`ClientIP`) sent the
+/// client's new flow to the backend of its previous one.
+pub const REASON_AFFINITY: u8 = 3;
+
+/// Default `sessionAffinityConfig.clientIP.timeoutSeconds` (kube-proxy's).
+pub const AFFINITY_DEFAULT_TIMEOUT_S: u32 = 10_800;
+/// Capacity of the session-affinity table (clients × services).
+pub const AFFINITY_CAPACITY: u32 = 65_536;
+/// Capacity of the source-range table (CIDRs across all services).
+pub const MAX_SOURCE_RANGES: u32 = 16_384;
+
 /// Pin names of the maps (files under `<bpffs-root>/v<MAP_VERSION>/`); equal
 /// to the map symbols in `lb-ebpf/src/maps.rs`.
 pub mod pin {
@@ -94,8 +115,12 @@ pub mod pin {
     pub const BACKEND_COUNTERS: &str = "LB_BE_COUNTERS";
     /// Datapath verdict counters (per CPU).
     pub const STATS: &str = "LB_STATS";
+    /// Session affinity: (service, client) → backend.
+    pub const AFFINITY_V4: &str = "LB_AFFINITY_V4";
+    /// `loadBalancerSourceRanges`: (service, CIDR) LPM trie.
+    pub const SRC_RANGES_V4: &str = "LB_SRC_RANGE_V4";
     /// Every map the agent pins.
-    pub const ALL: [&str; 7] = [
+    pub const ALL: [&str; 9] = [
         FRONTENDS_V4,
         MAGLEV,
         BACKENDS_V4,
@@ -103,5 +128,7 @@ pub mod pin {
         SERVICE_COUNTERS,
         BACKEND_COUNTERS,
         STATS,
+        AFFINITY_V4,
+        SRC_RANGES_V4,
     ];
 }

@@ -40,8 +40,21 @@ pub fn udp_fixup(check: u16, updated: u16) -> u16 {
     }
 }
 
+/// Adds two partial sums (each from [`sum`] or a 16-bit word).
+#[inline(always)]
+pub fn combine(a: u32, b: u32) -> u32 {
+    fold(a + b) as u32
+}
+
+/// The checksum field value for data whose words sum to `sum`.
+#[inline(always)]
+pub fn finish(sum: u32) -> u16 {
+    !fold(sum)
+}
+
 /// The one's-complement sum of `data` (padded with a zero byte if odd), in
-/// memory order. For host-side checks and tests.
+/// memory order, folded to 16 bits.
+#[inline(always)]
 pub fn sum(data: &[u8]) -> u32 {
     let mut s: u32 = 0;
     let mut chunks = data.chunks_exact(2);

@@ -44,9 +44,9 @@ pub struct ServiceValue {
     pub backend_count: u32,
     /// Slots of the Maglev table in use (a prime ≤ `MAGLEV_CAPACITY`).
     pub maglev_size: u32,
-    /// Session-affinity timeout in seconds; 0 = no affinity (reserved).
+    /// `sessionAffinity: ClientIP` timeout in seconds; 0 = no affinity.
     pub affinity_timeout_s: u32,
-    /// `SVC_F_*` bits (reserved, 0).
+    /// `SVC_F_*` bits.
     pub flags: u16,
     /// How the frontend was declared: `FRONTEND_NODEPORT`, `_LOADBALANCER`, `_EXTERNAL_IP`.
     pub kind: u8,
@@ -160,8 +160,49 @@ pub struct Counters {
     pub bytes: u64,
     /// New flows pinned (including re-balanced ones).
     pub new_flows: u64,
-    /// Packets to this service that found no usable backend.
+    /// Packets to this service that found no usable backend (rejected or,
+    /// with `SVC_F_DROP_NO_BACKEND`, dropped).
     pub no_backend: u64,
+    /// Packets dropped because the client is outside the service's
+    /// `loadBalancerSourceRanges`.
+    pub denied: u64,
+}
+
+/// Key of `LB_AFFINITY_V4` (LRU hash): a client of a service with
+/// `sessionAffinity: ClientIP`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AffinityKeyV4 {
+    /// Service id.
+    pub service_id: u32,
+    /// Client IPv4 address, wire order.
+    pub client_addr: [u8; 4],
+}
+
+/// Value of `LB_AFFINITY_V4`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityValue {
+    /// The backend the client's flows go to.
+    pub backend_id: u32,
+    /// Always 0.
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns()` of the client's last new flow; the affinity
+    /// expires `affinity_timeout_s` after it (as kube-proxy's `recent` match).
+    pub last_ns: u64,
+}
+
+/// Data of the `LB_SRC_RANGE_V4` LPM-trie key (the trie adds `prefix_len`
+/// in front): a CIDR of a service's `loadBalancerSourceRanges`. The
+/// service id is always matched in full, so an entry's `prefix_len` is
+/// `32 + CIDR length` and a lookup uses 64. Value: `u32` 1.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SrcRangeV4 {
+    /// Service id, network byte order (the trie matches bits from the first byte).
+    pub service_id_be: u32,
+    /// Network address of the CIDR (lookup: the client address), wire order.
+    pub addr: [u8; 4],
 }
 
 /// Value of `LB_STATS` (per-CPU array with one entry): why each packet got
@@ -183,9 +224,6 @@ pub struct Stats {
     pub pass_ip_options: u64,
     /// IPv4 fragment (MF set or offset ≠ 0): passed untouched.
     pub pass_fragment: u64,
-    /// To a frontend whose service has no usable backend: passed to the
-    /// kernel (no socket there, so TCP is reset and UDP gets port unreachable).
-    pub pass_no_backend: u64,
     /// New flows pinned to a backend.
     pub new_flows: u64,
     /// Packets of already pinned flows.
@@ -200,8 +238,18 @@ pub struct Stats {
     pub tc_reverse_nat: u64,
     /// TC rewrites that failed in a kernel helper (packet passed as is).
     pub tc_rewrite_failed: u64,
-    /// Always 0 (reserved for the next counter).
-    pub _reserved: u64,
+    /// Dropped: client outside the frontend's `loadBalancerSourceRanges`.
+    pub drop_source_range: u64,
+    /// No usable backend, TCP: answered with a RST from XDP (`XDP_TX`).
+    pub reject_tcp: u64,
+    /// No usable backend, UDP: answered with ICMP port unreachable (`XDP_TX`).
+    pub reject_udp: u64,
+    /// No usable backend and `SVC_F_DROP_NO_BACKEND` (eTP Local): dropped.
+    pub drop_no_backend: u64,
+    /// New flows sent to a backend by session affinity.
+    pub affinity_hits: u64,
+    /// A reject could not be built (packet too short to resize): passed.
+    pub reject_failed: u64,
 }
 
 const _: () = assert!(size_of::<FrontendKeyV4>() == 8);
@@ -211,8 +259,11 @@ const _: () = assert!(size_of::<MaglevTable>().is_multiple_of(8));
 const _: () = assert!(size_of::<BackendV4>() == 16);
 const _: () = assert!(size_of::<CtKeyV4>() == 16);
 const _: () = assert!(size_of::<CtValueV4>() == 32);
-const _: () = assert!(size_of::<Counters>() == 32);
-const _: () = assert!(size_of::<Stats>() == 16 * 8);
+const _: () = assert!(size_of::<Counters>() == 40);
+const _: () = assert!(size_of::<AffinityKeyV4>() == 8);
+const _: () = assert!(size_of::<AffinityValue>() == 16);
+const _: () = assert!(size_of::<SrcRangeV4>() == 8);
+const _: () = assert!(size_of::<Stats>() == 20 * 8);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -227,4 +278,7 @@ mod pod {
     unsafe impl aya::Pod for CtValueV4 {}
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for Stats {}
+    unsafe impl aya::Pod for AffinityKeyV4 {}
+    unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for SrcRangeV4 {}
 }

@@ -1,15 +1,22 @@
 //! The XDP path: parse → frontend → conntrack → (new flow: Maglev, pin) →
 //! DNAT → XDP_PASS (the kernel routes to the local pod).
 
-use aya_ebpf::{bindings::xdp_action::XDP_PASS, programs::XdpContext};
-use lb_common::{Counters, REASON_MAGLEV, REASON_REBALANCED, Stats};
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+    maps::lpm_trie::Key,
+    programs::XdpContext,
+};
+use lb_common::{
+    Counters, IPPROTO_TCP, REASON_AFFINITY, REASON_REBALANCED, SVC_F_DROP_NO_BACKEND,
+    SVC_F_SOURCE_RANGES, ServiceValue, SrcRangeV4, Stats,
+};
 
 use crate::{
     conntrack::{self, Lookup},
-    maps::{LB_BE_COUNTERS, LB_FRONTENDS_V4, LB_STATS, LB_SVC_COUNTERS},
+    maps::{LB_BE_COUNTERS, LB_FRONTENDS_V4, LB_SRC_RANGE_V4, LB_STATS, LB_SVC_COUNTERS},
     nat,
-    parse::{self, Bounds, Skip},
-    select,
+    parse::{self, Bounds, PacketV4, Skip},
+    reject, select,
 };
 
 /// Handles one packet; always returns a verdict (never aborts).
@@ -46,35 +53,52 @@ pub fn handle(ctx: &XdpContext) -> u32 {
         return XDP_PASS;
     };
 
+    if svc.flags & SVC_F_SOURCE_RANGES != 0 && !source_allowed(&svc, &pkt) {
+        st.drop_source_range += 1;
+        bump(LB_SVC_COUNTERS.get_ptr_mut(svc.service_id), |c| {
+            c.denied += 1
+        });
+        return XDP_DROP;
+    }
+
     let now = conntrack::now();
     let fkey = conntrack::forward_key(&pkt);
-    let (id, be, new_flow) =
-        match conntrack::lookup_forward(&fkey, svc.service_id, pkt.tcp_flags, now) {
-            Lookup::Hit(id, be) => {
-                st.established += 1;
-                (id, be, false)
+    let lookup = conntrack::lookup_forward(&fkey, svc.service_id, pkt.tcp_flags, now);
+    let (id, be, new_flow) = match lookup {
+        Lookup::Hit(id, be) => {
+            st.established += 1;
+            (id, be, false)
+        }
+        Lookup::Miss | Lookup::Stale => {
+            let Some(choice) = select::choose(&svc, &pkt, now) else {
+                bump(LB_SVC_COUNTERS.get_ptr_mut(svc.service_id), |c| {
+                    c.no_backend += 1
+                });
+                return refuse(ctx, st, &svc, &pkt);
+            };
+            let reason = if matches!(lookup, Lookup::Stale) {
+                st.rebalanced += 1;
+                REASON_REBALANCED
+            } else {
+                choice.reason
+            };
+            if reason == REASON_AFFINITY {
+                st.affinity_hits += 1;
             }
-            found => {
-                let Some((id, be)) = select::maglev(&svc, &pkt) else {
-                    st.pass_no_backend += 1;
-                    bump(LB_SVC_COUNTERS.get_ptr_mut(svc.service_id), |c| {
-                        c.no_backend += 1
-                    });
-                    return XDP_PASS;
-                };
-                let reason = if matches!(found, Lookup::Stale) {
-                    st.rebalanced += 1;
-                    REASON_REBALANCED
-                } else {
-                    REASON_MAGLEV
-                };
-                if !conntrack::pin(&pkt, svc.service_id, id, &be, reason, now) {
-                    st.ct_insert_failed += 1;
-                }
-                st.new_flows += 1;
-                (id, be, true)
+            if !conntrack::pin(
+                &pkt,
+                svc.service_id,
+                choice.id,
+                &choice.backend,
+                reason,
+                now,
+            ) {
+                st.ct_insert_failed += 1;
             }
-        };
+            st.new_flows += 1;
+            (choice.id, choice.backend, true)
+        }
+    };
 
     nat::dnat_xdp(&pkt, be.addr, be.port_be);
 
@@ -89,6 +113,46 @@ pub fn handle(ctx: &XdpContext) -> u32 {
     bump(LB_SVC_COUNTERS.get_ptr_mut(svc.service_id), account);
     bump(LB_BE_COUNTERS.get_ptr_mut(id), account);
     XDP_PASS
+}
+
+/// True if the client is inside one of the service's source ranges.
+#[inline(always)]
+fn source_allowed(svc: &ServiceValue, pkt: &PacketV4) -> bool {
+    let key = Key::new(
+        64,
+        SrcRangeV4 {
+            service_id_be: svc.service_id.to_be(),
+            addr: pkt.src,
+        },
+    );
+    LB_SRC_RANGE_V4.get(&key).is_some()
+}
+
+/// No usable backend: drop (eTP Local, as kube-proxy) or answer with a TCP
+/// RST / ICMP port unreachable sent back from XDP.
+#[inline(always)]
+fn refuse(ctx: &XdpContext, st: &mut Stats, svc: &ServiceValue, pkt: &PacketV4) -> u32 {
+    if svc.flags & SVC_F_DROP_NO_BACKEND != 0 {
+        st.drop_no_backend += 1;
+        return XDP_DROP;
+    }
+    let built = if pkt.proto == IPPROTO_TCP {
+        reject::tcp_rst(ctx, pkt)
+    } else {
+        reject::icmp_port_unreachable(ctx, pkt)
+    };
+    if !built {
+        // A RST is never answered; anything else that cannot be turned
+        // into an answer is dropped rather than passed to a host socket.
+        st.reject_failed += 1;
+        return XDP_DROP;
+    }
+    if pkt.proto == IPPROTO_TCP {
+        st.reject_tcp += 1;
+    } else {
+        st.reject_udp += 1;
+    }
+    XDP_TX
 }
 
 #[inline(always)]

@@ -9,6 +9,7 @@
 //! select.rs     Maglev choice for new flows
 //! conntrack.rs  flow pinning (forward + reply entries)
 //! nat.rs        rewrites and checksums
+//! reject.rs     TCP RST / ICMP unreachable when a service has no backend
 //! reply.rs      TC egress: reverse NAT of replies
 //! ```
 #![cfg_attr(target_arch = "bpf", no_std)]
@@ -25,6 +26,8 @@ mod nat;
 #[cfg(target_arch = "bpf")]
 mod parse;
 #[cfg(target_arch = "bpf")]
+mod reject;
+#[cfg(target_arch = "bpf")]
 mod reply;
 #[cfg(target_arch = "bpf")]
 mod select;
@@ -40,6 +43,14 @@ mod entry {
     #[xdp]
     pub fn lb_xdp(ctx: XdpContext) -> u32 {
         crate::ingress::handle(&ctx)
+    }
+
+    /// Passes everything. Test topologies attach it to the peer of a veth
+    /// that receives `XDP_TX` frames (veth delivers them only to a peer
+    /// with an XDP program).
+    #[xdp]
+    pub fn lb_xdp_pass(_ctx: XdpContext) -> u32 {
+        aya_ebpf::bindings::xdp_action::XDP_PASS
     }
 
     /// TC egress: reverse NAT of replies.

@@ -6,12 +6,13 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
-    BackendV4, CT_DEFAULT_CAPACITY, Counters, CtKeyV4, CtValueV4, FrontendKeyV4, MAX_BACKENDS,
-    MAX_FRONTENDS, MAX_SERVICES, MaglevTable, ServiceValue, Stats,
+    AFFINITY_CAPACITY, AffinityKeyV4, AffinityValue, BackendV4, CT_DEFAULT_CAPACITY, Counters,
+    CtKeyV4, CtValueV4, FrontendKeyV4, MAX_BACKENDS, MAX_FRONTENDS, MAX_SERVICES,
+    MAX_SOURCE_RANGES, MaglevTable, ServiceValue, SrcRangeV4, Stats,
 };
 
 /// Frontend (addr, port, proto) → service. Written by the agent; read by XDP. Capacity `MAX_FRONTENDS`.
@@ -53,3 +54,19 @@ pub static LB_BE_COUNTERS: PerCpuArray<Counters, { MAX_BACKENDS as usize }> = Pe
 /// One entry of verdict counters, per CPU. Written by XDP and TC.
 #[btf_map]
 pub static LB_STATS: PerCpuArray<Stats, 1> = PerCpuArray::new();
+
+/// (service id, client address) → backend of the client's last new flow, for
+/// `sessionAffinity: ClientIP`. Written by XDP; LRU. Capacity `AFFINITY_CAPACITY`.
+#[btf_map]
+pub static LB_AFFINITY_V4: LruHashMap<
+    AffinityKeyV4,
+    AffinityValue,
+    { AFFINITY_CAPACITY as usize },
+> = LruHashMap::new();
+
+/// `loadBalancerSourceRanges` per service: LPM trie of (service id, CIDR).
+/// Written by the agent; read by XDP for frontends flagged
+/// `SVC_F_SOURCE_RANGES`. Capacity `MAX_SOURCE_RANGES`.
+#[btf_map]
+pub static LB_SRC_RANGE_V4: LpmTrie<SrcRangeV4, u32, { MAX_SOURCE_RANGES as usize }> =
+    LpmTrie::new();

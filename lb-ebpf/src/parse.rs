@@ -56,6 +56,8 @@ pub enum Skip {
 /// An IPv4 TCP/UDP packet, parsed once. Addresses in wire order, ports in
 /// network byte order (memory order of the header fields).
 pub struct PacketV4 {
+    /// The Ethernet header (in bounds).
+    pub eth: *mut EthHdr,
     /// The IPv4 header (in bounds).
     pub ip: *mut Ipv4Hdr,
     /// The L4 ports (source, destination), in bounds.
@@ -130,6 +132,7 @@ pub fn parse_v4(b: Bounds) -> Result<PacketV4, Skip> {
     // SAFETY: in bounds (checked just above).
     let [sport_be, dport_be] = unsafe { *ports };
     Ok(PacketV4 {
+        eth,
         ip,
         ports,
         l4_check,

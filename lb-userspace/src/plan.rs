@@ -24,13 +24,17 @@ use std::net::Ipv4Addr;
 use lb_common::{
     BACKEND_ACTIVE, BACKEND_F_LOCAL, BACKEND_TERMINATING, BackendV4, FRONTEND_EXTERNAL_IP,
     FRONTEND_LOADBALANCER, FRONTEND_NODEPORT, FrontendKeyV4, MAGLEV_CAPACITY, MAX_BACKENDS,
-    MAX_FRONTENDS, MAX_SERVICES, MaglevTable, POLICY_MAGLEV, ServiceValue,
+    MAX_FRONTENDS, MAX_SERVICES, MaglevTable, POLICY_MAGLEV, SVC_F_DROP_NO_BACKEND,
+    SVC_F_SOURCE_RANGES, ServiceValue,
 };
 
 use crate::error::{Error, Result};
 use crate::maglev;
-use crate::model::{BackendState, Desired, Frontend, FrontendKind, Proto};
-use crate::writer::{MapState, Op};
+use crate::model::{
+    BackendState, Desired, Frontend, FrontendKind, Proto, ServicePort, SessionAffinity,
+    TrafficPolicy,
+};
+use crate::writer::{MapState, Op, SrcRange};
 
 /// Planner settings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -300,6 +304,7 @@ pub fn plan(current: &MapState, desired: &Desired, cfg: &PlanConfig) -> Result<V
     let mut ops_maglev = Vec::new();
     let mut want_tables = BTreeSet::new();
     let mut want_fe: BTreeMap<FrontendKeyV4, ServiceValue> = BTreeMap::new();
+    let mut want_ranges: BTreeSet<SrcRange> = BTreeSet::new();
     for (i, sp) in desired.services.values().enumerate() {
         let sid = sid_of[i].unwrap_or_default();
         let active: Vec<&(u32, String, bool)> = svc_be[i].iter().filter(|b| b.2).collect();
@@ -323,11 +328,19 @@ pub fn plan(current: &MapState, desired: &Desired, cfg: &PlanConfig) -> Result<V
                 });
             }
         }
+        for r in &sp.source_ranges {
+            want_ranges.insert(SrcRange {
+                service_id: sid,
+                addr: r.addr.octets(),
+                prefix_len: r.prefix_len,
+            });
+        }
         for f in &sp.frontends {
             want_fe.insert(
                 frontend_key(f.addr, f.port, f.proto),
                 service_value(
                     f,
+                    sp,
                     sid,
                     active.len() as u32,
                     if has_table { size } else { 0 },
@@ -343,6 +356,11 @@ pub fn plan(current: &MapState, desired: &Desired, cfg: &PlanConfig) -> Result<V
         }
     }
     ops.extend(ops_maglev);
+    ops.extend(
+        want_ranges
+            .difference(&current.src_ranges)
+            .map(|r| Op::PutSrcRange(*r)),
+    );
     for (key, value) in &want_fe {
         if current.frontends.get(key) != Some(value) {
             ops.push(Op::PutFrontend {
@@ -356,6 +374,12 @@ pub fn plan(current: &MapState, desired: &Desired, cfg: &PlanConfig) -> Result<V
             ops.push(Op::DeleteFrontend { key: *key });
         }
     }
+    ops.extend(
+        current
+            .src_ranges
+            .difference(&want_ranges)
+            .map(|r| Op::DeleteSrcRange(*r)),
+    );
     for &service_id in current.maglev.keys() {
         if !want_tables.contains(&service_id) {
             ops.push(Op::DeleteMaglev { service_id });
@@ -369,13 +393,32 @@ pub fn plan(current: &MapState, desired: &Desired, cfg: &PlanConfig) -> Result<V
     Ok(ops)
 }
 
-fn service_value(f: &Frontend, sid: u32, backend_count: u32, maglev_size: u32) -> ServiceValue {
+/// The frontend's map value. Source ranges apply to LoadBalancer IPs only
+/// (as in kube-proxy); `externalTrafficPolicy: Local` drops rather than
+/// rejects when the node has no endpoint.
+fn service_value(
+    f: &Frontend,
+    sp: &ServicePort,
+    sid: u32,
+    backend_count: u32,
+    maglev_size: u32,
+) -> ServiceValue {
+    let mut flags = 0;
+    if f.kind == FrontendKind::LoadBalancer && !sp.source_ranges.is_empty() {
+        flags |= SVC_F_SOURCE_RANGES;
+    }
+    if sp.traffic_policy == TrafficPolicy::Local {
+        flags |= SVC_F_DROP_NO_BACKEND;
+    }
     ServiceValue {
         service_id: sid,
         backend_count,
         maglev_size,
-        affinity_timeout_s: 0,
-        flags: 0,
+        affinity_timeout_s: match sp.affinity {
+            SessionAffinity::None => 0,
+            SessionAffinity::ClientIp { timeout_s } => timeout_s.max(1),
+        },
+        flags,
         kind: kind_code(f.kind),
         policy: POLICY_MAGLEV,
         _pad: 0,

@@ -10,7 +10,12 @@
 //! Needs root and a BPF-capable kernel: run with `--test-threads=1`
 //! (`cargo xtask test` does).
 
-use std::{collections::BTreeSet, net::Ipv4Addr, path::PathBuf};
+use std::{
+    collections::BTreeSet,
+    net::Ipv4Addr,
+    path::PathBuf,
+    sync::atomic::{AtomicUsize, Ordering},
+};
 
 use aya::{
     TestRun,
@@ -99,7 +104,9 @@ struct Golden {
 
 impl Golden {
     fn new(endpoints: &[&str]) -> Self {
-        let root = PathBuf::from(format!("/sys/fs/bpf/lb-golden-{}", std::process::id()));
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let root = PathBuf::from(format!("/sys/fs/bpf/lb-golden-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         let mut dp = Datapath::load(&LoadOptions {
             bpffs_root: root.clone(),
@@ -166,7 +173,11 @@ impl Golden {
             s.pass_truncated += c.pass_truncated;
             s.pass_ip_options += c.pass_ip_options;
             s.pass_fragment += c.pass_fragment;
-            s.pass_no_backend += c.pass_no_backend;
+            s.reject_tcp += c.reject_tcp;
+            s.reject_udp += c.reject_udp;
+            s.drop_source_range += c.drop_source_range;
+            s.drop_no_backend += c.drop_no_backend;
+            s.affinity_hits += c.affinity_hits;
             s.new_flows += c.new_flows;
             s.established += c.established;
             s.rebalanced += c.rebalanced;

@@ -355,10 +355,12 @@ fn plan_apply_replan_is_empty_and_resolves() {
     let rank = |op: &Op| match op {
         Op::PutBackend { .. } => 0,
         Op::PutMaglev { .. } => 1,
-        Op::PutFrontend { .. } => 2,
-        Op::DeleteFrontend { .. } => 3,
-        Op::DeleteMaglev { .. } => 4,
-        Op::FreeBackend { .. } => 5,
+        Op::PutSrcRange(_) => 2,
+        Op::PutFrontend { .. } => 3,
+        Op::DeleteFrontend { .. } => 4,
+        Op::DeleteSrcRange(_) => 5,
+        Op::DeleteMaglev { .. } => 6,
+        Op::FreeBackend { .. } => 7,
     };
     assert!(ops.windows(2).all(|w| rank(&w[0]) <= rank(&w[1])));
     // Remote backends are not written; local terminating ones are.

@@ -1,16 +1,23 @@
 //! The map writer for the real, pinned BPF maps.
 
-use std::{collections::BTreeMap, path::Path};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::Path,
+};
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, Map, MapData},
+    maps::{
+        Array, HashMap, Map, MapData,
+        lpm_trie::{Key, LpmTrie},
+    },
 };
 use lb_common::{
-    BACKEND_FREE, BackendV4, FrontendKeyV4, MAGLEV_CAPACITY, MaglevTable, ServiceValue, pin,
+    BACKEND_FREE, BackendV4, FrontendKeyV4, MAGLEV_CAPACITY, MaglevTable, ServiceValue, SrcRangeV4,
+    pin,
 };
 
-use super::{MapState, MapWriter, Op};
+use super::{MapState, MapWriter, Op, SrcRange};
 use crate::error::{Error, Result};
 
 /// Typed handles on the maps the agent writes.
@@ -18,6 +25,17 @@ pub struct KernelMaps {
     frontends: HashMap<MapData, FrontendKeyV4, ServiceValue>,
     maglev: HashMap<MapData, u32, MaglevTable>,
     backends: Array<MapData, BackendV4>,
+    src_ranges: LpmTrie<MapData, SrcRangeV4, u32>,
+}
+
+fn range_key(r: &SrcRange) -> Key<SrcRangeV4> {
+    Key::new(
+        32 + r.prefix_len as u32,
+        SrcRangeV4 {
+            service_id_be: r.service_id.to_be(),
+            addr: r.addr,
+        },
+    )
 }
 
 fn err(map: &str, what: impl std::fmt::Display) -> Error {
@@ -42,6 +60,9 @@ impl KernelMaps {
             backends: take(ebpf, pin::BACKENDS_V4)?
                 .try_into()
                 .map_err(|e| err(pin::BACKENDS_V4, e))?,
+            src_ranges: take(ebpf, pin::SRC_RANGES_V4)?
+                .try_into()
+                .map_err(|e| err(pin::SRC_RANGES_V4, e))?,
         })
     }
 
@@ -56,6 +77,8 @@ impl KernelMaps {
                 .map_err(|e| err(pin::MAGLEV, e))?,
             backends: Array::try_from(Map::Array(open(pin::BACKENDS_V4)?))
                 .map_err(|e| err(pin::BACKENDS_V4, e))?,
+            src_ranges: LpmTrie::try_from(Map::LpmTrie(open(pin::SRC_RANGES_V4)?))
+                .map_err(|e| err(pin::SRC_RANGES_V4, e))?,
         })
     }
 }
@@ -86,6 +109,14 @@ impl MapWriter for KernelMaps {
                     .maglev
                     .remove(service_id)
                     .map_err(|e| err(pin::MAGLEV, format!("remove {service_id}: {e}")))?,
+                Op::PutSrcRange(r) => self
+                    .src_ranges
+                    .insert(&range_key(r), 1, 0)
+                    .map_err(|e| err(pin::SRC_RANGES_V4, format!("insert {r:?}: {e}")))?,
+                Op::DeleteSrcRange(r) => self
+                    .src_ranges
+                    .remove(&range_key(r))
+                    .map_err(|e| err(pin::SRC_RANGES_V4, format!("remove {r:?}: {e}")))?,
                 Op::FreeBackend { id } => {
                     let mut v = self
                         .backends
@@ -127,10 +158,21 @@ impl MapWriter for KernelMaps {
                 backends.insert(id as u32, v);
             }
         }
+        let mut src_ranges = BTreeSet::new();
+        for key in self.src_ranges.keys() {
+            let key = key.map_err(|e| err(pin::SRC_RANGES_V4, e))?;
+            let data = key.data();
+            src_ranges.insert(SrcRange {
+                service_id: u32::from_be(data.service_id_be),
+                addr: data.addr,
+                prefix_len: key.prefix_len().saturating_sub(32) as u8,
+            });
+        }
         Ok(MapState {
             frontends,
             maglev,
             backends,
+            src_ranges,
         })
     }
 }

@@ -6,7 +6,7 @@
 //! state back, so the agent re-plans against what the maps really hold (after
 //! a restart, too).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use lb_common::{BackendV4, FrontendKeyV4, MaglevTable, ServiceValue};
 
@@ -22,11 +22,25 @@ pub struct MapState {
     pub maglev: BTreeMap<u32, Vec<u32>>,
     /// `LB_BACKENDS_V4`, only the slots whose state is not `BACKEND_FREE`.
     pub backends: BTreeMap<u32, BackendV4>,
+    /// `LB_SRC_RANGE_V4`: (service id, network address, prefix length).
+    pub src_ranges: BTreeSet<SrcRange>,
+}
+
+/// One `loadBalancerSourceRanges` CIDR of a service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SrcRange {
+    /// Service id.
+    pub service_id: u32,
+    /// Network address, wire order.
+    pub addr: [u8; 4],
+    /// CIDR prefix length (0..=32).
+    pub prefix_len: u8,
 }
 
 /// One map write. The planner orders them so that the datapath never sees a
 /// reference to something not yet written: backends, then Maglev tables, then
-/// frontends; removals in the reverse order.
+/// frontends (source ranges before the frontends that use them); removals in
+/// the reverse order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
     /// Write backend `id` (new backend, or a state change).
@@ -37,6 +51,10 @@ pub enum Op {
         table: Box<MaglevTable>,
         size: u32,
     },
+    /// Admit a CIDR for a service (`loadBalancerSourceRanges`).
+    PutSrcRange(SrcRange),
+    /// Withdraw a CIDR.
+    DeleteSrcRange(SrcRange),
     /// Create or replace a frontend.
     PutFrontend {
         key: FrontendKeyV4,
@@ -92,6 +110,12 @@ impl MapState {
             }
             Op::FreeBackend { id } => {
                 self.backends.remove(id);
+            }
+            Op::PutSrcRange(r) => {
+                self.src_ranges.insert(*r);
+            }
+            Op::DeleteSrcRange(r) => {
+                self.src_ranges.remove(r);
             }
         }
     }
