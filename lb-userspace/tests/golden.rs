@@ -25,7 +25,7 @@ use aya::{
 use etherparse::PacketBuilder;
 use lb_common::{
     BACKEND_ACTIVE, CT_DIR_FORWARD, CT_DIR_REPLY, CtKeyV4, CtValueV4, FrontendKeyV4, IPPROTO_TCP,
-    IPPROTO_UDP, REASON_MAGLEV, REASON_REBALANCED, Stats, hash::flow_hash_v4, pin,
+    IPPROTO_UDP, REASON_AFFINITY, REASON_MAGLEV, REASON_REBALANCED, Stats, hash::flow_hash_v4, pin,
 };
 use lb_userspace::{
     loader::{Datapath, LoadOptions, TC_PROGRAM, XDP_PROGRAM, program},
@@ -35,7 +35,9 @@ use lb_userspace::{
     writer::{MapWriter, kernel::KernelMaps, memory::MemoryMaps},
 };
 
+const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_UNSPEC: u32 = u32::MAX; // -1
 
@@ -90,9 +92,68 @@ items:
   - {{name: http, protocol: TCP, port: 8080}}
   - {{name: dns, protocol: UDP, port: 8053}}
   endpoints:
-{eps}"#
+{eps}{OTHER_SERVICES}"#
     )
 }
+
+/// Services beside `demo/echo`: a LoadBalancer with ClientIP affinity (2 s)
+/// and source ranges, a service with no endpoint (rejects), and an
+/// `externalTrafficPolicy: Local` one whose only endpoint is on another node
+/// (drops).
+const OTHER_SERVICES: &str = r#"- apiVersion: v1
+  kind: Service
+  metadata: {name: web, namespace: demo}
+  spec:
+    type: LoadBalancer
+    clusterIP: 10.96.0.11
+    sessionAffinity: ClientIP
+    sessionAffinityConfig: {clientIP: {timeoutSeconds: 2}}
+    loadBalancerSourceRanges: ["198.18.0.0/30"]
+    ports:
+    - {name: http, protocol: TCP, port: 80, nodePort: 30100, targetPort: 8080}
+  status: {loadBalancer: {ingress: [{ip: 198.18.100.1}]}}
+- apiVersion: discovery.k8s.io/v1
+  kind: EndpointSlice
+  metadata:
+    name: web-x1
+    namespace: demo
+    labels: {kubernetes.io/service-name: web}
+  addressType: IPv4
+  ports: [{name: http, protocol: TCP, port: 8080}]
+  endpoints:
+  - {addresses: ["198.18.1.21"], conditions: {ready: true}, nodeName: node-a}
+  - {addresses: ["198.18.1.22"], conditions: {ready: true}, nodeName: node-a}
+  - {addresses: ["198.18.1.23"], conditions: {ready: true}, nodeName: node-a}
+  - {addresses: ["198.18.1.24"], conditions: {ready: true}, nodeName: node-a}
+- apiVersion: v1
+  kind: Service
+  metadata: {name: empty, namespace: demo}
+  spec:
+    type: NodePort
+    clusterIP: 10.96.0.12
+    ports:
+    - {name: t, protocol: TCP, port: 80, nodePort: 30091, targetPort: 8080}
+    - {name: u, protocol: UDP, port: 80, nodePort: 30091, targetPort: 8080}
+- apiVersion: v1
+  kind: Service
+  metadata: {name: local, namespace: demo}
+  spec:
+    type: NodePort
+    clusterIP: 10.96.0.13
+    externalTrafficPolicy: Local
+    ports:
+    - {name: t, protocol: TCP, port: 80, nodePort: 30092, targetPort: 8080}
+- apiVersion: discovery.k8s.io/v1
+  kind: EndpointSlice
+  metadata:
+    name: local-x1
+    namespace: demo
+    labels: {kubernetes.io/service-name: local}
+  addressType: IPv4
+  ports: [{name: t, protocol: TCP, port: 8080}]
+  endpoints:
+  - {addresses: ["198.18.9.9"], conditions: {ready: true}, nodeName: node-b}
+"#;
 
 struct Golden {
     dp: Datapath,
@@ -483,4 +544,193 @@ fn flow_is_rebalanced_when_its_backend_is_removed() {
             "flow from port {port} moved"
         );
     }
+}
+
+/// Parses an answer built by the datapath and checks both checksums.
+fn parse_answer(out: &[u8]) -> etherparse::SlicedPacket<'_> {
+    let p = etherparse::SlicedPacket::from_ethernet(out).expect("a well-formed answer");
+    let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else {
+        panic!("answer is not IPv4");
+    };
+    let h = ip.header().to_header();
+    assert_eq!(h.header_checksum, h.calc_header_checksum(), "IPv4 checksum");
+    assert_eq!(h.time_to_live, 64);
+    p
+}
+
+#[test]
+fn tcp_to_a_service_without_endpoints_is_answered_with_rst() {
+    if !privileged() {
+        return;
+    }
+    let mut g = Golden::new(&PODS);
+    let s0 = g.stats();
+    let syn = tcp((CLIENT, 40_100), (NODE, 30091), true, b"");
+    let (verdict, out) = g.xdp(&syn);
+    assert_eq!(verdict, XDP_TX);
+    assert_eq!(out.len(), 54);
+    let p = parse_answer(&out);
+    let eth = p.link.as_ref().unwrap().to_header();
+    let Some(etherparse::LinkHeader::Ethernet2(eth)) = eth else {
+        panic!("not Ethernet II")
+    };
+    assert_eq!((eth.source, eth.destination), (MAC_B, MAC_A));
+    let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else {
+        unreachable!()
+    };
+    assert_eq!(ip.header().source(), NODE);
+    assert_eq!(ip.header().destination(), CLIENT);
+    let Some(etherparse::TransportSlice::Tcp(t)) = &p.transport else {
+        panic!("not TCP")
+    };
+    assert_eq!((t.source_port(), t.destination_port()), (30091, 40_100));
+    assert!(t.rst() && t.ack() && !t.syn());
+    assert_eq!(
+        t.acknowledgment_number(),
+        1001,
+        "ACKs the SYN (seq 1000 + 1)"
+    );
+    assert_eq!(t.sequence_number(), 0);
+    let th = t.to_header();
+    assert_eq!(
+        th.checksum,
+        th.calc_checksum_ipv4(&ip.header().to_header(), &[])
+            .unwrap(),
+        "TCP checksum"
+    );
+
+    // A segment with ACK gets a bare RST whose sequence is that ACK.
+    let data = tcp((CLIENT, 40_101), (NODE, 30091), false, b"hello");
+    let (verdict, out) = g.xdp(&data);
+    assert_eq!(verdict, XDP_TX);
+    let p = parse_answer(&out);
+    let Some(etherparse::TransportSlice::Tcp(t)) = &p.transport else {
+        panic!("not TCP")
+    };
+    assert!(t.rst() && !t.ack());
+    assert_eq!(t.sequence_number(), 1, "seq = the segment's ACK");
+
+    // A RST is never answered.
+    let mut rst = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(CLIENT, NODE, 64)
+        .tcp(40_102, 30091, 5, 0)
+        .rst()
+        .write(&mut rst, b"")
+        .unwrap();
+    assert_eq!(g.xdp(&rst).0, XDP_DROP);
+
+    let s = g.stats();
+    assert_eq!(s.reject_tcp - s0.reject_tcp, 2);
+    assert_eq!(s.new_flows, s0.new_flows);
+}
+
+#[test]
+fn udp_to_a_service_without_endpoints_gets_icmp_port_unreachable() {
+    if !privileged() {
+        return;
+    }
+    let mut g = Golden::new(&PODS);
+    let input = udp((CLIENT, 5000), (NODE, 30091), b"is anyone there?");
+    let (verdict, out) = g.xdp(&input);
+    assert_eq!(verdict, XDP_TX);
+    assert_eq!(out.len(), 14 + 20 + 8 + 20 + 8);
+    let p = parse_answer(&out);
+    let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else {
+        unreachable!()
+    };
+    assert_eq!(
+        ip.header().source(),
+        NODE,
+        "from the address the client used"
+    );
+    assert_eq!(ip.header().destination(), CLIENT);
+    let Some(etherparse::TransportSlice::Icmpv4(icmp)) = &p.transport else {
+        panic!("not ICMP")
+    };
+    assert_eq!((icmp.type_u8(), icmp.code_u8()), (3, 3), "port unreachable");
+    assert_eq!(
+        icmp.checksum(),
+        icmp.icmp_type().calc_checksum(icmp.payload()),
+        "ICMP checksum"
+    );
+    assert_eq!(
+        icmp.payload(),
+        &input[14..42],
+        "quotes the IPv4 header and 8 bytes"
+    );
+    assert_eq!(g.stats().reject_udp, 1);
+}
+
+#[test]
+fn source_ranges_admit_listed_clients_on_loadbalancer_ips_only() {
+    if !privileged() {
+        return;
+    }
+    let mut g = Golden::new(&PODS);
+    let lb = [198, 18, 100, 1];
+    let outsider = [198, 18, 0, 9];
+    let (verdict, out) = g.xdp(&tcp((CLIENT, 40_200), (lb, 80), true, b""));
+    assert_eq!(verdict, XDP_PASS);
+    assert_ne!(out[30..34], lb, "DNAT'd to a pod");
+
+    let s0 = g.stats();
+    let denied = tcp((outsider, 40_201), (lb, 80), true, b"");
+    assert_eq!(g.xdp(&denied), (XDP_DROP, denied.clone()));
+    assert_eq!(g.stats().drop_source_range - s0.drop_source_range, 1);
+
+    // The NodePort of the same service is not restricted (kube-proxy).
+    let (verdict, out) = g.xdp(&tcp((outsider, 40_202), (NODE, 30100), true, b""));
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(out[36..38], 8080u16.to_be_bytes());
+}
+
+#[test]
+fn client_ip_affinity_holds_for_the_timeout_then_expires() {
+    if !privileged() {
+        return;
+    }
+    let mut g = Golden::new(&PODS);
+    let lb = [198, 18, 100, 1];
+    let key = |port: u16| CtKeyV4 {
+        src_addr: CLIENT,
+        dst_addr: lb,
+        src_port_be: port.to_be(),
+        dst_port_be: 80u16.to_be(),
+        proto: IPPROTO_TCP,
+        dir: CT_DIR_FORWARD,
+        _pad: [0; 2],
+    };
+    g.xdp(&tcp((CLIENT, 42_000), (lb, 80), true, b""));
+    let first = g.ct(&key(42_000)).unwrap();
+    assert_eq!(first.reason, REASON_MAGLEV);
+    // 40 more flows from other ports: all on the same pod, by affinity.
+    for port in 42_001..42_041u16 {
+        let (_, out) = g.xdp(&tcp((CLIENT, port), (lb, 80), true, b""));
+        assert_eq!(
+            out[30..34],
+            first.nat_addr,
+            "flow from port {port} left the pod"
+        );
+        assert_eq!(g.ct(&key(port)).unwrap().reason, REASON_AFFINITY);
+    }
+    // Without affinity these 41 flows would have spread over 4 pods.
+    std::thread::sleep(std::time::Duration::from_millis(2_100));
+    g.xdp(&tcp((CLIENT, 42_100), (lb, 80), true, b""));
+    assert_eq!(
+        g.ct(&key(42_100)).unwrap().reason,
+        REASON_MAGLEV,
+        "affinity expired"
+    );
+}
+
+#[test]
+fn etp_local_without_local_endpoint_drops() {
+    if !privileged() {
+        return;
+    }
+    let mut g = Golden::new(&PODS);
+    let syn = tcp((CLIENT, 40_300), (NODE, 30092), true, b"");
+    assert_eq!(g.xdp(&syn), (XDP_DROP, syn.clone()));
+    assert_eq!(g.stats().drop_no_backend, 1);
 }
