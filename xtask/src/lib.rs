@@ -4,9 +4,11 @@
 //! `src/main.rs` is only the command line; each command lives in its own
 //! module here so that the tests (`tests/e2e.rs`) can reuse the lab.
 
+pub mod apiserver;
 pub mod build;
 pub mod cmd;
 pub mod demo;
+pub mod image;
 pub mod lab;
 pub mod run;
 pub mod setup;

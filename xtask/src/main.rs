@@ -42,6 +42,9 @@ enum Cmd {
         #[arg(long)]
         hold: bool,
     },
+    /// Build the container image `localhost/lb-agent:<version>`: a static
+    /// (musl) lb-agent in an image `FROM scratch`, with buildah.
+    Image,
 }
 
 fn main() -> ExitCode {
@@ -52,6 +55,7 @@ fn main() -> ExitCode {
         Cmd::Run { release, args } => xtask::run::main(release, &args),
         Cmd::Test => xtask::test::main(),
         Cmd::Demo { hold } => xtask::demo::main(hold),
+        Cmd::Image => xtask::image::main(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

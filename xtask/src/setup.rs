@@ -7,7 +7,8 @@
 //! 1. system tools (Debian packages) when a command is missing;
 //! 2. `rust-src` for the nightly that builds the eBPF crate;
 //! 3. `bpf-linker` whose LLVM major equals that nightly's;
-//! 4. bpffs mounted at `/sys/fs/bpf`.
+//! 4. bpffs mounted at `/sys/fs/bpf`;
+//! 5. Python modules of the manifest test (pip).
 
 use std::process::Command;
 
@@ -27,7 +28,20 @@ pub const TOOLS: &[(&str, &str)] = &[
     ("ping", "iputils-ping"),
     ("sysctl", "procps"),
     ("nsenter", "util-linux"),
+    // The capability test runs the agent with a reduced capability set.
+    ("setpriv", "util-linux"),
+    // `cargo xtask image`: a static agent (ring's C code) and a daemonless
+    // image build.
+    ("x86_64-linux-musl-gcc", "musl-tools"),
+    ("buildah", "buildah"),
+    // `kubectl kustomize deploy/` in the manifest test.
+    ("kubectl", "kubernetes-client"),
+    ("python3", "python3"),
 ];
+
+/// Python modules the tests import, with the PyPI package of each
+/// (`kubernetes-validate`: the Kubernetes JSON schemas for `deploy/`).
+pub const PYTHON_MODULES: &[(&str, &str)] = &[("kubernetes_validate", "kubernetes-validate")];
 
 /// bpf-linker release for each LLVM major of the nightly toolchain. Newer
 /// bpf-linker releases need a system LLVM that Debian bookworm lacks; these
@@ -154,6 +168,71 @@ pub fn ensure(scope: Scope, verbose: bool) -> Result<()> {
     ensure_toolchain(verbose)?;
     if scope == Scope::Full {
         ensure_bpffs(verbose)?;
+        ensure_python_modules(verbose)?;
+    }
+    Ok(())
+}
+
+fn python_module_missing(module: &str) -> bool {
+    !Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// `pip install`s the PyPI packages of [`PYTHON_MODULES`] that are missing
+/// (with pip from Debian's `python3-pip` when python3 has none; Debian's own
+/// python3 needs `--break-system-packages` to install outside apt).
+fn ensure_python_modules(verbose: bool) -> Result<()> {
+    let missing: Vec<&str> = PYTHON_MODULES
+        .iter()
+        .filter(|(module, _)| python_module_missing(module))
+        .map(|&(_, pkg)| pkg)
+        .collect();
+    if missing.is_empty() {
+        report(verbose, "python", "all modules present, pip skipped");
+        return Ok(());
+    }
+    if !crate::is_root() {
+        bail!(
+            "missing Python packages: {}; run `cargo xtask setup` as root to install them",
+            missing.join(" ")
+        );
+    }
+    if python_module_missing("pip") {
+        println!("setup: installing python3-pip");
+        cmd::run(
+            Command::new("apt-get")
+                .args(["install", "-y", "--no-install-recommends", "python3-pip"])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+    println!("setup: pip installing {}", missing.join(" "));
+    let pip = || {
+        let mut c = Command::new("python3");
+        c.args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .args(&missing);
+        c
+    };
+    if cmd::quiet(&mut pip()).is_err() {
+        cmd::run(pip().arg("--break-system-packages"))?;
+    }
+    let still: Vec<&str> = PYTHON_MODULES
+        .iter()
+        .filter(|(module, _)| python_module_missing(module))
+        .map(|&(module, _)| module)
+        .collect();
+    if !still.is_empty() {
+        bail!(
+            "Python modules still missing after pip install: {}",
+            still.join(" ")
+        );
     }
     Ok(())
 }

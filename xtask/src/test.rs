@@ -5,7 +5,8 @@
 //! 3. host tests: `cargo test --workspace` on every target but the kernel
 //!    test targets below (which need root and one thread), then doc tests;
 //! 4. as root: build lb-agent, then the kernel tests one thread at a time
-//!    (`lb-userspace --test golden` when it exists, `xtask --test e2e`).
+//!    (`lb-userspace --test golden` when it exists, `xtask --test e2e`,
+//!    `xtask --test deploy`).
 //!
 //! Not root: fails under CI; elsewhere runs 1–3 and says loudly that the
 //! kernel tests did not run.
@@ -24,6 +25,7 @@ use crate::{build, cmd, setup};
 const KERNEL_TESTS: &[(&str, &str, &str)] = &[
     ("lb-userspace", "golden", "lb-userspace/tests/golden.rs"),
     ("xtask", "e2e", "xtask/tests/e2e.rs"),
+    ("xtask", "deploy", "xtask/tests/deploy.rs"),
 ];
 
 #[derive(Debug)]

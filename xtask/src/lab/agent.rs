@@ -61,14 +61,29 @@ pub struct AgentConfig<'a> {
     pub bin: &'a Path,
     /// Interfaces to attach to, inside the node namespace.
     pub interfaces: &'a [&'a str],
-    /// `--manifests`.
-    pub manifests: &'a Path,
+    /// Where the agent reads services from.
+    pub source: AgentSource<'a>,
+    /// More arguments after `run …` (e.g. `--keep-datapath-on-exit`).
+    pub extra_args: &'a [String],
     /// `--node-name`.
     pub node_name: &'a str,
     /// `--bpffs-root`.
     pub bpffs_root: &'a Path,
     /// Where stdout and stderr go.
     pub log: &'a Path,
+    /// A command (program and arguments) that runs the agent, put between
+    /// `nsenter --net=…` and the agent's binary, e.g. `setpriv
+    /// --bounding-set=…` to restrict its capabilities. Empty: none.
+    pub wrapper: &'a [String],
+}
+
+/// The agent's source of Services and EndpointSlices.
+#[derive(Debug, Clone, Copy)]
+pub enum AgentSource<'a> {
+    /// `--manifests FILE_OR_DIR`.
+    Manifests(&'a Path),
+    /// `--kubeconfig FILE` (an API server, e.g. the double in `crate::apiserver`).
+    Kubeconfig(&'a Path),
 }
 
 impl Agent {
@@ -79,14 +94,18 @@ impl Agent {
         let mut command = Command::new(cmd::program("nsenter"));
         command
             .arg(format!("--net={}", node.path().display()))
+            .args(cfg.wrapper)
             .arg(cfg.bin)
             .arg("run");
         for iface in cfg.interfaces {
             command.args(["--interface", iface]);
         }
+        match cfg.source {
+            AgentSource::Manifests(path) => command.arg("--manifests").arg(path),
+            AgentSource::Kubeconfig(path) => command.arg("--kubeconfig").arg(path),
+        };
         command
-            .arg("--manifests")
-            .arg(cfg.manifests)
+            .args(cfg.extra_args)
             .args(["--node-name", cfg.node_name])
             .arg("--bpffs-root")
             .arg(cfg.bpffs_root)
@@ -195,6 +214,15 @@ impl Agent {
             Some(child) => Ok(child.try_wait()?),
             None => bail!("agent already stopped"),
         }
+    }
+
+    /// SIGKILL, as a crash or an OOM kill would: the agent cleans nothing up.
+    pub fn kill(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
     }
 
     /// SIGTERM, wait up to [`STOP_TIMEOUT`], then SIGKILL. Returns how it

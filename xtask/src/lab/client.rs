@@ -18,13 +18,18 @@ pub const TIMEOUT: Duration = Duration::from_secs(2);
 /// One HTTP GET on a new TCP connection; returns the body, trimmed (the
 /// answering pod's name).
 pub fn http_get(addr: SocketAddr) -> Result<String> {
+    http_get_path(addr, "/")
+}
+
+/// One HTTP GET of `path` on a new TCP connection; returns the body, trimmed.
+pub fn http_get_path(addr: SocketAddr, path: &str) -> Result<String> {
     let mut stream =
         TcpStream::connect_timeout(&addr, TIMEOUT).with_context(|| format!("connect {addr}"))?;
     stream.set_read_timeout(Some(TIMEOUT))?;
     stream.set_write_timeout(Some(TIMEOUT))?;
     write!(
         stream,
-        "GET / HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: xtask-lab\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: xtask-lab\r\nConnection: close\r\n\r\n"
     )?;
     let mut response = String::new();
     stream

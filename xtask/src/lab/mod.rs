@@ -29,7 +29,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use self::{
-    agent::{Agent, AgentConfig},
+    agent::{Agent, AgentConfig, AgentSource},
     netns::Netns,
     server::Server,
 };
@@ -323,6 +323,16 @@ impl Lab {
     /// Starts the agent on `manifests` (a file or directory) and waits for
     /// its first sync.
     pub fn start_agent_with(&mut self, manifests: &Path) -> Result<&mut Agent> {
+        self.start_agent_from(AgentSource::Manifests(manifests), &[])
+    }
+
+    /// Starts the agent on `source` with `extra_args` and waits for its first
+    /// sync.
+    pub fn start_agent_from(
+        &mut self,
+        source: AgentSource<'_>,
+        extra_args: &[String],
+    ) -> Result<&mut Agent> {
         if self.agent.is_some() {
             bail!("the agent is already running");
         }
@@ -336,10 +346,12 @@ impl Lab {
             &AgentConfig {
                 bin: &bin,
                 interfaces: &[NODE_IFACE],
-                manifests,
+                source,
+                extra_args,
                 node_name: manifest::NODE_NAME,
                 bpffs_root: self.bpffs_root(),
                 log: &log,
+                wrapper: &[],
             },
         )?;
         Ok(self.agent.insert(agent))
@@ -355,6 +367,13 @@ impl Lab {
     pub fn reload(&mut self, pods: &[u8]) -> Result<()> {
         self.write_manifest(pods)?;
         self.agent()?.reload(agent::SYNCED)
+    }
+
+    /// Kills the agent with SIGKILL (no cleanup, as a crash) and returns its log.
+    pub fn kill_agent(&mut self) -> Result<String> {
+        let mut agent = self.agent.take().context("the agent is not running")?;
+        agent.kill()?;
+        Ok(agent.log())
     }
 
     /// Stops the agent (SIGTERM, then SIGKILL after 5 s) and returns its log.
