@@ -252,6 +252,69 @@ pub struct Stats {
     pub reject_failed: u64,
 }
 
+impl Stats {
+    /// Every counter with its field name, in declaration order.
+    pub fn named(&self) -> [(&'static str, u64); 20] {
+        [
+            ("xdp_packets", self.xdp_packets),
+            ("pass_not_ipv4", self.pass_not_ipv4),
+            ("pass_other_proto", self.pass_other_proto),
+            ("pass_not_service", self.pass_not_service),
+            ("pass_truncated", self.pass_truncated),
+            ("pass_ip_options", self.pass_ip_options),
+            ("pass_fragment", self.pass_fragment),
+            ("new_flows", self.new_flows),
+            ("established", self.established),
+            ("rebalanced", self.rebalanced),
+            ("ct_insert_failed", self.ct_insert_failed),
+            ("tc_packets", self.tc_packets),
+            ("tc_reverse_nat", self.tc_reverse_nat),
+            ("tc_rewrite_failed", self.tc_rewrite_failed),
+            ("drop_source_range", self.drop_source_range),
+            ("reject_tcp", self.reject_tcp),
+            ("reject_udp", self.reject_udp),
+            ("drop_no_backend", self.drop_no_backend),
+            ("affinity_hits", self.affinity_hits),
+            ("reject_failed", self.reject_failed),
+        ]
+    }
+
+    /// Adds `other` (e.g. another CPU's values) to `self`.
+    pub fn add(&mut self, other: &Stats) {
+        self.xdp_packets += other.xdp_packets;
+        self.pass_not_ipv4 += other.pass_not_ipv4;
+        self.pass_other_proto += other.pass_other_proto;
+        self.pass_not_service += other.pass_not_service;
+        self.pass_truncated += other.pass_truncated;
+        self.pass_ip_options += other.pass_ip_options;
+        self.pass_fragment += other.pass_fragment;
+        self.new_flows += other.new_flows;
+        self.established += other.established;
+        self.rebalanced += other.rebalanced;
+        self.ct_insert_failed += other.ct_insert_failed;
+        self.tc_packets += other.tc_packets;
+        self.tc_reverse_nat += other.tc_reverse_nat;
+        self.tc_rewrite_failed += other.tc_rewrite_failed;
+        self.drop_source_range += other.drop_source_range;
+        self.reject_tcp += other.reject_tcp;
+        self.reject_udp += other.reject_udp;
+        self.drop_no_backend += other.drop_no_backend;
+        self.affinity_hits += other.affinity_hits;
+        self.reject_failed += other.reject_failed;
+    }
+}
+
+impl Counters {
+    /// Adds `other` (e.g. another CPU's values) to `self`.
+    pub fn add(&mut self, other: &Counters) {
+        self.packets += other.packets;
+        self.bytes += other.bytes;
+        self.new_flows += other.new_flows;
+        self.no_backend += other.no_backend;
+        self.denied += other.denied;
+    }
+}
+
 const _: () = assert!(size_of::<FrontendKeyV4>() == 8);
 const _: () = assert!(size_of::<ServiceValue>() == 24);
 const _: () = assert!(size_of::<MaglevTable>() == 4 * MAGLEV_CAPACITY + 4);

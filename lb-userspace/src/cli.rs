@@ -18,8 +18,9 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Load and attach the datapath, fill its maps from the manifests and
-    /// keep them current until SIGINT/SIGTERM (SIGHUP re-reads the manifests).
+    /// Load and attach the datapath, fill its maps from the manifests or from
+    /// the Kubernetes API, and keep them current until SIGINT/SIGTERM
+    /// (SIGHUP re-reads the manifests).
     Run(RunArgs),
 }
 
@@ -32,15 +33,23 @@ pub struct RunArgs {
     #[arg(short, long = "interface", value_name = "IFACE", required = true)]
     pub interfaces: Vec<String>,
 
-    /// Service and EndpointSlice objects: a YAML file as printed by
-    /// `kubectl get svc,endpointslices -A -o yaml`, or a directory of such
-    /// files. Re-read on SIGHUP; a bad file is rejected and the last good
-    /// state kept.
+    /// Static source instead of Kubernetes: Service and EndpointSlice
+    /// objects in a YAML file as printed by `kubectl get
+    /// svc,endpointslices -A -o yaml`, or a directory of such files.
+    /// Re-read on SIGHUP; a bad file is rejected and the last good state
+    /// kept.
     #[arg(short, long, value_name = "FILE_OR_DIR")]
-    pub manifests: PathBuf,
+    pub manifests: Option<PathBuf>,
 
-    /// This node's name: endpoints whose `nodeName` differs are remote (not
-    /// served yet; logged once).
+    /// Kubernetes source: kubeconfig file. Without it (and without
+    /// --manifests) the in-cluster configuration is used, then
+    /// KUBECONFIG / ~/.kube/config.
+    #[arg(long, value_name = "FILE", conflicts_with = "manifests")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// This node's name (default: $NODE_NAME): endpoints whose `nodeName`
+    /// differs are remote (not served yet; logged once); the Node object of
+    /// this name is watched.
     #[arg(long, env = "NODE_NAME", value_name = "NAME")]
     pub node_name: String,
 
@@ -58,6 +67,17 @@ pub struct RunArgs {
     /// first created.
     #[arg(long, default_value_t = lb_common::CT_DEFAULT_CAPACITY, value_name = "N")]
     pub conntrack_capacity: u32,
+
+    /// Address of the HTTP server for /metrics (Prometheus), /healthz and
+    /// /readyz (ready after the first full sync). `off` disables it.
+    #[arg(long, default_value = "0.0.0.0:9995", value_name = "ADDR:PORT|off")]
+    pub metrics_addr: String,
+
+    /// On SIGINT/SIGTERM leave the programs attached (their links stay
+    /// pinned) so traffic keeps flowing until the next agent takes over
+    /// atomically. For DaemonSet restarts; by default the agent detaches.
+    #[arg(long)]
+    pub keep_datapath_on_exit: bool,
 
     /// Log filter (RUST_LOG syntax), e.g. `info` or `lb_userspace=debug`.
     #[arg(long, env = "LB_LOG", default_value = "info")]

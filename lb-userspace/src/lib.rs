@@ -20,8 +20,10 @@
 pub mod agent;
 pub mod cli;
 pub mod error;
+pub mod health;
 pub mod loader;
 pub mod maglev;
+pub mod metrics;
 pub mod model;
 pub mod plan;
 pub mod source;

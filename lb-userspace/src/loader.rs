@@ -10,7 +10,10 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        SchedClassifier, TcAttachType, Xdp, XdpMode, tc::SchedClassifierLinkId, xdp::XdpLinkId,
+        SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
+        xdp::XdpLink,
     },
 };
 use lb_common::{MAP_VERSION, pin};
@@ -43,9 +46,18 @@ pub struct LoadOptions {
 pub struct Datapath {
     /// The aya object (programs and maps).
     pub ebpf: Ebpf,
-    /// Directory holding the pins.
+    /// Directory holding the map pins.
     pub pin_dir: PathBuf,
-    attached: Vec<(String, XdpLinkId, SchedClassifierLinkId)>,
+    /// Directory holding the link pins (`<bpffs-root>/links`).
+    pub link_dir: PathBuf,
+    attached: Vec<Attached>,
+}
+
+/// The two links of one interface, pinned so that they outlive the agent.
+struct Attached {
+    iface: String,
+    xdp: (PathBuf, PinnedLink),
+    tc: (PathBuf, PinnedLink),
 }
 
 /// The directory where maps of this layout version are pinned.
@@ -94,50 +106,118 @@ impl Datapath {
         let tc: &mut SchedClassifier = program(&mut ebpf, TC_PROGRAM)?;
         tc.load()
             .map_err(|e| Error::Datapath(format!("verifier rejected {TC_PROGRAM}: {e}")))?;
+        let link_dir = opts.bpffs_root.join("links");
+        fs::create_dir_all(&link_dir).map_err(|source| Error::Io {
+            path: link_dir.clone(),
+            source,
+        })?;
         Ok(Self {
             ebpf,
             pin_dir: dir,
+            link_dir,
             attached: Vec::new(),
         })
     }
 
     /// Attaches XDP (ingress; native mode when the driver supports it, else
-    /// generic) and TC egress to `iface`.
+    /// generic) and TC egress to `iface`, through links pinned under
+    /// `<bpffs-root>/links/`. If a previous agent left pinned links there,
+    /// their programs are replaced atomically (`bpf_link_update`): traffic
+    /// never sees the interface without a program, so a restart keeps every
+    /// flow.
     pub fn attach(&mut self, iface: &str) -> Result<()> {
-        let xdp: &mut Xdp = program(&mut self.ebpf, XDP_PROGRAM)?;
-        let xdp_link = match xdp.attach(iface, XdpMode::Driver) {
-            Ok(l) => l,
-            Err(e) => {
-                warn!(iface, error = %e, "native XDP unavailable, using generic (skb) mode");
-                xdp.attach(iface, XdpMode::Skb)
-                    .map_err(|e| Error::Datapath(format!("attaching XDP to {iface}: {e}")))?
-            }
+        let fail = |what: &str, e: &dyn std::fmt::Display| {
+            Error::Datapath(format!("{what} on {iface}: {e}"))
         };
+        let xdp_pin = self.link_dir.join(format!("xdp-{iface}"));
+        let tc_pin = self.link_dir.join(format!("tc-egress-{iface}"));
+
+        let xdp: &mut Xdp = program(&mut self.ebpf, XDP_PROGRAM)?;
+        let xdp_id = match PinnedLink::from_pin(&xdp_pin) {
+            Ok(old) => {
+                let link = XdpLink::try_from(FdLink::from(old))
+                    .map_err(|e| fail("reusing the pinned XDP link", &e))?;
+                let id = xdp
+                    .attach_to_link(link)
+                    .map_err(|e| fail("replacing the XDP program", &e))?;
+                info!(iface, "replaced the program of the pinned XDP link");
+                id
+            }
+            Err(_) => match xdp.attach(iface, XdpMode::Driver) {
+                Ok(id) => id,
+                Err(e) => {
+                    warn!(iface, error = %e, "native XDP unavailable, using generic (skb) mode");
+                    xdp.attach(iface, XdpMode::Skb)
+                        .map_err(|e| fail("attaching XDP", &e))?
+                }
+            },
+        };
+        let link = xdp.take_link(xdp_id).map_err(|e| fail("XDP link", &e))?;
+        let xdp_link = pin_link(
+            FdLink::try_from(link).map_err(|e| fail("XDP link", &e))?,
+            &xdp_pin,
+        )?;
+
         let tc: &mut SchedClassifier = program(&mut self.ebpf, TC_PROGRAM)?;
-        let tc_link = tc
-            .attach(iface, TcAttachType::Egress)
-            .map_err(|e| Error::Datapath(format!("attaching TC egress to {iface}: {e}")))?;
+        let tc_id = match PinnedLink::from_pin(&tc_pin) {
+            Ok(old) => {
+                let link = SchedClassifierLink::try_from(FdLink::from(old))
+                    .map_err(|e| fail("reusing the pinned TC link", &e))?;
+                let id = tc
+                    .attach_to_link(link)
+                    .map_err(|e| fail("replacing the TC program", &e))?;
+                info!(iface, "replaced the program of the pinned TC link");
+                id
+            }
+            Err(_) => tc
+                .attach(iface, TcAttachType::Egress)
+                .map_err(|e| fail("attaching TC egress", &e))?,
+        };
+        let link = tc.take_link(tc_id).map_err(|e| fail("TC link", &e))?;
+        let tc_link = pin_link(
+            FdLink::try_from(link).map_err(|e| fail("TC link", &e))?,
+            &tc_pin,
+        )?;
+
         info!(iface, "attached XDP ingress and TC egress");
-        self.attached.push((iface.to_string(), xdp_link, tc_link));
+        self.attached.push(Attached {
+            iface: iface.to_string(),
+            xdp: (xdp_pin, xdp_link),
+            tc: (tc_pin, tc_link),
+        });
         Ok(())
     }
 
     /// Detaches every program from every interface (maps stay pinned).
     pub fn detach_all(&mut self) {
-        for (iface, xdp_link, tc_link) in std::mem::take(&mut self.attached) {
-            if let Ok(xdp) = program::<Xdp>(&mut self.ebpf, XDP_PROGRAM)
-                && let Err(e) = xdp.detach(xdp_link)
-            {
-                warn!(iface, error = %e, "detaching XDP");
+        for a in std::mem::take(&mut self.attached) {
+            for (path, link) in [a.xdp, a.tc] {
+                // Unpinning drops the last reference: the kernel detaches.
+                if let Err(e) = link.unpin() {
+                    warn!(iface = a.iface, path = %path.display(), error = %e, "unpinning link");
+                }
             }
-            if let Ok(tc) = program::<SchedClassifier>(&mut self.ebpf, TC_PROGRAM)
-                && let Err(e) = tc.detach(tc_link)
-            {
-                warn!(iface, error = %e, "detaching TC");
-            }
-            info!(iface, "detached");
+            info!(iface = a.iface, "detached");
         }
     }
+
+    /// Leaves the programs attached (their links stay pinned) so that the
+    /// datapath keeps serving while no agent runs.
+    pub fn keep_attached(&mut self) {
+        for a in std::mem::take(&mut self.attached) {
+            info!(iface = a.iface, "left attached (pinned links)");
+        }
+    }
+}
+
+/// Pins `link` at `path` (replacing a stale pin of the same link).
+fn pin_link(link: FdLink, path: &Path) -> Result<PinnedLink> {
+    if path.exists() {
+        // We hold the link (it was reused from this pin): re-pin it fresh.
+        let _ = fs::remove_file(path);
+    }
+    link.pin(path)
+        .map_err(|e| Error::Datapath(format!("pinning link at {}: {e}", path.display())))
 }
 
 /// The program `name` of the object, as type `T`.

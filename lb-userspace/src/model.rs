@@ -54,6 +54,9 @@ pub struct ServicePort {
     pub source_ranges: Vec<Ipv4Cidr>,
     /// How a backend is picked for a new flow.
     pub policy: BalancingPolicy,
+    /// `spec.healthCheckNodePort` (LoadBalancer with `externalTrafficPolicy:
+    /// Local`): the agent answers load-balancer health checks there.
+    pub health_check_node_port: Option<u16>,
 }
 
 impl ServicePort {

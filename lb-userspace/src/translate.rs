@@ -197,6 +197,19 @@ fn translate_service(
         }
     }
 
+    let health_check_node_port = match spec.health_check_node_port {
+        None | Some(0) => None,
+        Some(p) if traffic_policy == TrafficPolicy::Local => {
+            Some(u16::try_from(p).map_err(|_| {
+                fail(
+                    "spec.healthCheckNodePort",
+                    format!("{p} is out of range 1-65535"),
+                )
+            })?)
+        }
+        Some(_) => None,
+    };
+
     // Addresses that frontends are opened on, besides node addresses.
     let mut lb_ips = Vec::new();
     if is_lb {
@@ -337,6 +350,7 @@ fn translate_service(
                 traffic_policy,
                 source_ranges: source_ranges.clone(),
                 policy: Default::default(),
+                health_check_node_port,
             },
         );
     }

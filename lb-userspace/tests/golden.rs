@@ -227,22 +227,7 @@ impl Golden {
         let per_cpu = m.get(&0, 0).unwrap();
         let mut s = Stats::default();
         for c in per_cpu.iter() {
-            s.xdp_packets += c.xdp_packets;
-            s.pass_not_ipv4 += c.pass_not_ipv4;
-            s.pass_other_proto += c.pass_other_proto;
-            s.pass_not_service += c.pass_not_service;
-            s.pass_truncated += c.pass_truncated;
-            s.pass_ip_options += c.pass_ip_options;
-            s.pass_fragment += c.pass_fragment;
-            s.reject_tcp += c.reject_tcp;
-            s.reject_udp += c.reject_udp;
-            s.drop_source_range += c.drop_source_range;
-            s.drop_no_backend += c.drop_no_backend;
-            s.affinity_hits += c.affinity_hits;
-            s.new_flows += c.new_flows;
-            s.established += c.established;
-            s.rebalanced += c.rebalanced;
-            s.tc_reverse_nat += c.tc_reverse_nat;
+            s.add(c);
         }
         s
     }

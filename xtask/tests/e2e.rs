@@ -21,7 +21,7 @@ use std::{
 
 use xtask::lab::{
     self, Lab,
-    agent::REJECTED,
+    agent::{AgentSource, REJECTED},
     client::{self, EchoConn, Tally},
     manifest, pins,
 };
@@ -45,6 +45,14 @@ fn lab_or_skip(test: &str, pods: u8) -> Option<Lab> {
     Some(Lab::new(pods).unwrap_or_else(|e| panic!("{test}: building the lab: {e:#}")))
 }
 
+/// A lab with pods 1-3 and the agent running on them (see [`lab_or_skip`]).
+fn lab_with_agent(test: &str) -> Option<Lab> {
+    let mut lab = lab_or_skip(test, 3)?;
+    lab.write_manifest(&[1, 2, 3]).unwrap();
+    lab.start_agent().unwrap();
+    Some(lab)
+}
+
 /// `n` HTTP requests on new connections from the client to `addr`.
 fn http_many(lab: &Lab, addr: SocketAddr, n: usize) -> Tally {
     lab.in_client(move || Tally::collect(n, || client::http_get(addr)))
@@ -55,6 +63,52 @@ fn http_many(lab: &Lab, addr: SocketAddr, n: usize) -> Tally {
 fn udp_many(lab: &Lab, addr: SocketAddr, n: usize) -> Tally {
     lab.in_client(move || Tally::collect(n, || client::udp_ask(addr)))
         .expect("client thread")
+}
+
+/// A long-lived echo connection exercised every 100 ms on its own thread.
+struct Talker {
+    stop: Arc<AtomicBool>,
+    thread: thread::JoinHandle<Vec<Result<String, String>>>,
+}
+
+impl Talker {
+    fn start(mut conn: EchoConn) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = thread::spawn(move || {
+            let mut answers = Vec::new();
+            let mut n = 0u32;
+            while !flag.load(Ordering::SeqCst) && n < 1_000 {
+                n += 1;
+                let at = Instant::now();
+                answers.push(conn.ask(&format!("line {n}")).map_err(|e| format!("{e:#}")));
+                thread::sleep(Duration::from_millis(100).saturating_sub(at.elapsed()));
+            }
+            answers
+        });
+        Self { stop, thread }
+    }
+
+    /// Stops talking; asserts no exchange failed and every answer came from
+    /// `serving`. Returns the answers.
+    fn finish(self, what: &str, serving: &str) -> Vec<Result<String, String>> {
+        self.stop.store(true, Ordering::SeqCst);
+        let answers = self.thread.join().expect("talker thread");
+        let errors: Vec<&String> = answers.iter().filter_map(|a| a.as_ref().err()).collect();
+        let pods: BTreeSet<&String> = answers.iter().filter_map(|a| a.as_ref().ok()).collect();
+        println!(
+            "{what}: {} exchanges, {} errors, answered by {pods:?}",
+            answers.len(),
+            errors.len()
+        );
+        assert!(errors.is_empty(), "{what} broke: {errors:?}");
+        assert_eq!(
+            pods.into_iter().map(String::as_str).collect::<Vec<_>>(),
+            vec![serving],
+            "{what} moved"
+        );
+        answers
+    }
 }
 
 /// Asserts that every request was answered.
@@ -88,11 +142,9 @@ fn lab_routes_client_to_pods_without_agent() {
 
 #[test]
 fn nodeport_spread_tcp_udp() {
-    let Some(mut lab) = lab_or_skip("nodeport_spread_tcp_udp", 3) else {
+    let Some(lab) = lab_with_agent("nodeport_spread_tcp_udp") else {
         return;
     };
-    lab.write_manifest(&[1, 2, 3]).unwrap();
-    lab.start_agent().unwrap();
 
     const N: usize = 600;
     let tcp = http_many(&lab, lab::frontend(), N);
@@ -115,11 +167,9 @@ fn nodeport_spread_tcp_udp() {
 
 #[test]
 fn long_lived_connection_survives_backend_changes() {
-    let Some(mut lab) = lab_or_skip("long_lived_connection_survives_backend_changes", 3) else {
+    let Some(mut lab) = lab_with_agent("long_lived_connection_survives_backend_changes") else {
         return;
     };
-    lab.write_manifest(&[1, 2, 3]).unwrap();
-    lab.start_agent().unwrap();
 
     let frontend = lab::frontend();
     let mut conn = lab
@@ -134,21 +184,7 @@ fn long_lived_connection_survives_backend_changes() {
     println!("long-lived connection is served by {serving}");
 
     // Talk every 100 ms on another thread while the backends change.
-    let stop = Arc::new(AtomicBool::new(false));
-    let talker = {
-        let stop = stop.clone();
-        thread::spawn(move || {
-            let mut answers = Vec::new();
-            let mut n = 0u32;
-            while !stop.load(Ordering::SeqCst) && n < 1_000 {
-                n += 1;
-                let at = Instant::now();
-                answers.push(conn.ask(&format!("line {n}")).map_err(|e| format!("{e:#}")));
-                thread::sleep(Duration::from_millis(100).saturating_sub(at.elapsed()));
-            }
-            answers
-        })
-    };
+    let talker = Talker::start(conn);
 
     let keep_going = Duration::from_millis(1_200);
     thread::sleep(keep_going);
@@ -163,25 +199,8 @@ fn long_lived_connection_survives_backend_changes() {
     println!("removed pod-{removed}; endpoints now {remaining:?}");
     thread::sleep(keep_going);
 
-    stop.store(true, Ordering::SeqCst);
-    let answers = talker.join().expect("talker thread");
-    let errors: Vec<&String> = answers.iter().filter_map(|a| a.as_ref().err()).collect();
-    let pods: BTreeSet<&String> = answers.iter().filter_map(|a| a.as_ref().ok()).collect();
-    println!(
-        "long-lived connection: {} exchanges, {} errors, answered by {pods:?}",
-        answers.len(),
-        errors.len()
-    );
-    assert!(
-        errors.is_empty(),
-        "the long-lived connection broke: {errors:?}"
-    );
+    let answers = talker.finish("long-lived connection", &serving);
     assert!(answers.len() >= 30, "only {} exchanges", answers.len());
-    assert_eq!(
-        pods.into_iter().collect::<Vec<_>>(),
-        vec![&serving],
-        "the long-lived connection moved"
-    );
 
     // New connections: the new pod gets some, the removed one none.
     let tcp = http_many(&lab, frontend, 90);
@@ -295,11 +314,9 @@ fn bpftool_dump_shows_field_names() {
 
 #[test]
 fn reload_with_bad_manifest_keeps_state() {
-    let Some(mut lab) = lab_or_skip("reload_with_bad_manifest_keeps_state", 3) else {
+    let Some(mut lab) = lab_with_agent("reload_with_bad_manifest_keeps_state") else {
         return;
     };
-    lab.write_manifest(&[1, 2, 3]).unwrap();
-    lab.start_agent().unwrap();
     let before = http_many(&lab, lab::frontend(), 30);
     assert_all_answered("TCP before the bad reload", &before);
 
@@ -319,4 +336,105 @@ fn reload_with_bad_manifest_keeps_state() {
         assert!(tcp.count(&pod) > 0, "TCP: {pod} never answered: {tcp}");
         assert!(udp.count(&pod) > 0, "UDP: {pod} never answered: {udp}");
     }
+}
+
+#[test]
+fn agent_killed_and_restarted_under_traffic_keeps_flows() {
+    let Some(mut lab) = lab_or_skip("agent_killed_and_restarted_under_traffic_keeps_flows", 3)
+    else {
+        return;
+    };
+    let manifest = lab.write_manifest(&[1, 2, 3]).unwrap().to_owned();
+    let keep = ["--keep-datapath-on-exit".to_string()];
+    lab.start_agent_from(AgentSource::Manifests(&manifest), &keep)
+        .unwrap();
+    let frontend = lab::frontend();
+    let mut conn = lab
+        .in_client(move || EchoConn::connect(frontend))
+        .unwrap()
+        .expect("open the long-lived connection");
+    let serving = conn.ask("hello").expect("first echo");
+    let talker = Talker::start(conn);
+    thread::sleep(Duration::from_millis(500));
+
+    // SIGKILL: no cleanup at all. The pinned links keep the programs
+    // attached and the pinned maps keep every flow.
+    lab.kill_agent().unwrap();
+    thread::sleep(Duration::from_millis(1_500));
+    let during = http_many(&lab, frontend, 30);
+    println!("while no agent runs: TCP {during}");
+    assert_all_answered("TCP with the agent dead", &during);
+
+    // A new agent takes over the pinned links atomically.
+    lab.start_agent_from(AgentSource::Manifests(&manifest), &keep)
+        .unwrap();
+    let log = lab.agent().unwrap().log();
+    assert!(
+        log.contains("replaced the program of the pinned XDP link"),
+        "the restarted agent did not reuse the pinned link:\n{log}"
+    );
+    thread::sleep(Duration::from_millis(800));
+
+    // A graceful stop with --keep-datapath-on-exit, and a third agent.
+    lab.stop_agent().unwrap();
+    thread::sleep(Duration::from_millis(800));
+    lab.start_agent_from(AgentSource::Manifests(&manifest), &keep)
+        .unwrap();
+    thread::sleep(Duration::from_millis(800));
+
+    let answers = talker.finish("connection across two agent restarts", &serving);
+    assert!(answers.len() >= 30, "only {} exchanges", answers.len());
+    let after = http_many(&lab, frontend, 60);
+    println!("after the restarts: TCP {after}");
+    assert_all_answered("TCP after the restarts", &after);
+}
+
+#[test]
+fn metrics_health_and_readiness_endpoints() {
+    let Some(lab) = lab_with_agent("metrics_health_and_readiness_endpoints") else {
+        return;
+    };
+    let frontend = lab::frontend();
+    let tally = http_many(&lab, frontend, 40);
+    assert_all_answered("TCP", &tally);
+
+    let base = SocketAddr::from((lab::NODE_ADDR, 9995));
+    let get = |path: &'static str| {
+        lab.in_client(move || client::http_get_path(base, path))
+            .unwrap()
+            .unwrap_or_else(|e| panic!("GET {path}: {e:#}"))
+    };
+    assert_eq!(get("/healthz"), "ok");
+    assert_eq!(get("/readyz"), "ready");
+    let metrics = get("/metrics");
+    let value = |line_start: &str| -> u64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(line_start))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no `{line_start}` in /metrics:\n{metrics}"))
+    };
+    assert_eq!(value("lb_services "), 2, "http and echo-udp ports");
+    assert_eq!(value("lb_backends{state=\"active\"} "), 6);
+    let mut flows = 0;
+    for i in 1..=3u8 {
+        let pod = lab::pod_addr(i);
+        let n = value(&format!(
+            "lb_backend_new_flows_total{{service=\"demo/echo:http\",backend=\"{pod}:8080\"}} "
+        ));
+        assert_eq!(
+            n,
+            tally.count(&lab::pod_label(i)) as u64,
+            "new flows of {pod}"
+        );
+        flows += n;
+    }
+    assert_eq!(flows, 40);
+    assert!(value("lb_datapath_total{counter=\"new_flows\"} ") >= 40);
+    assert!(metrics.contains("lb_sync_duration_seconds_bucket"));
+    println!(
+        "/metrics: {} lines, 40 flows accounted per backend",
+        metrics.lines().count()
+    );
 }

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
+pub mod kube;
 pub mod manifests;
 
 /// The objects the agent balances from, as a source delivered them.

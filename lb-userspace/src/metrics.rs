@@ -1,0 +1,282 @@
+//! Prometheus metrics. Agent-side figures (services, backends, syncs) are
+//! kept in a registry; datapath counters are read from the pinned per-CPU
+//! maps at scrape time by [`DatapathCollector`], labelled with the service
+//! and backend names the agent last wrote.
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::{Arc, RwLock},
+};
+
+use aya::maps::{Map, MapData, PerCpuArray};
+use lb_common::{Counters, Stats, pin};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    metrics::{
+        MetricType,
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::Gauge,
+        histogram::Histogram,
+    },
+    registry::Registry,
+};
+
+use crate::{model::Desired, plan::frontend_key, writer::MapState};
+
+/// Label set `{result="ok"|"error"}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    /// `ok` or `error`.
+    pub result: &'static str,
+}
+
+/// Label set `{state="active"|"terminating"}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    /// Backend state.
+    pub state: &'static str,
+}
+
+/// Names of what the maps hold, for labels: service id → `ns/name:port`,
+/// backend id → (service, `ip:port`).
+#[derive(Clone, Debug, Default)]
+pub struct Names {
+    /// Service id → service port name.
+    pub services: BTreeMap<u32, String>,
+    /// Backend id → (service port name, `ip:port`).
+    pub backends: BTreeMap<u32, (String, String)>,
+}
+
+impl Names {
+    /// Names for the ids in `state`, found through the desired state's frontends.
+    pub fn of(desired: &Desired, state: &MapState) -> Self {
+        let mut n = Names::default();
+        for (name, sp) in &desired.services {
+            let Some(sid) = sp
+                .frontends
+                .iter()
+                .find_map(|f| state.frontends.get(&frontend_key(f.addr, f.port, f.proto)))
+                .map(|v| v.service_id)
+            else {
+                continue;
+            };
+            n.services.insert(sid, name.to_string());
+            for (&id, b) in state.backends.iter().filter(|(_, b)| b.service_id == sid) {
+                let addr = std::net::Ipv4Addr::from(b.addr);
+                n.backends.insert(
+                    id,
+                    (
+                        name.to_string(),
+                        format!("{addr}:{}", u16::from_be(b.port_be)),
+                    ),
+                );
+            }
+        }
+        n
+    }
+}
+
+/// Everything `/metrics` serves.
+pub struct Metrics {
+    /// The registry encoded on each scrape.
+    pub registry: Registry,
+    /// `lb_services`: service ports in the maps.
+    pub services: Gauge,
+    /// `lb_frontends`.
+    pub frontends: Gauge,
+    /// `lb_backends{state}`.
+    pub backends: Family<StateLabel, Gauge>,
+    /// `lb_sync_duration_seconds`: objects → maps, per sync.
+    pub sync_seconds: Histogram,
+    /// `lb_syncs_total{result}`.
+    pub syncs: Family<ResultLabel, Counter>,
+    /// Names for the datapath collector's labels.
+    pub names: Arc<RwLock<Names>>,
+}
+
+impl Metrics {
+    /// A registry with the agent's metrics and a collector reading the maps
+    /// pinned in `pin_dir`.
+    pub fn new(pin_dir: PathBuf) -> Self {
+        let mut registry = Registry::with_prefix("lb");
+        let services = Gauge::default();
+        let frontends = Gauge::default();
+        let backends = Family::<StateLabel, Gauge>::default();
+        let sync_seconds = Histogram::new([
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        ]);
+        let syncs = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "services",
+            "Service ports in the datapath maps",
+            services.clone(),
+        );
+        registry.register(
+            "frontends",
+            "Frontends (address, port, protocol)",
+            frontends.clone(),
+        );
+        registry.register("backends", "Backends by state", backends.clone());
+        registry.register(
+            "sync_duration_seconds",
+            "Time from a source change to the maps updated (translate, plan, write)",
+            sync_seconds.clone(),
+        );
+        registry.register("syncs", "Syncs of the maps, by result", syncs.clone());
+        let names = Arc::new(RwLock::new(Names::default()));
+        registry.register_collector(Box::new(DatapathCollector {
+            pin_dir,
+            names: names.clone(),
+        }));
+        Self {
+            registry,
+            services,
+            frontends,
+            backends,
+            sync_seconds,
+            syncs,
+            names,
+        }
+    }
+
+    /// The text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::warn!("encoding metrics: {e}");
+        }
+        out
+    }
+}
+
+/// Reads the datapath's per-CPU counters at scrape time.
+#[derive(Debug)]
+pub struct DatapathCollector {
+    pin_dir: PathBuf,
+    names: Arc<RwLock<Names>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabels {
+    service: String,
+    backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabels {
+    service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CounterLabel {
+    counter: &'static str,
+}
+
+fn per_cpu<T: aya::Pod + Default>(
+    dir: &std::path::Path,
+    name: &str,
+) -> Option<PerCpuArray<MapData, T>> {
+    let data = MapData::from_pin(dir.join(name)).ok()?;
+    PerCpuArray::try_from(Map::PerCpuArray(data)).ok()
+}
+
+fn sum_counters(map: &PerCpuArray<MapData, Counters>, id: u32) -> Counters {
+    let mut c = Counters::default();
+    if let Ok(v) = map.get(&id, 0) {
+        for cpu in v.iter() {
+            c.add(cpu);
+        }
+    }
+    c
+}
+
+type CounterOf = fn(&Counters) -> u64;
+
+impl Collector for DatapathCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let names = self.names.read().map(|n| n.clone()).unwrap_or_default();
+        let fields: [(&str, &str, CounterOf); 3] = [
+            ("packets", "Packets balanced", |c| c.packets),
+            ("bytes", "Bytes balanced (Ethernet frames)", |c| c.bytes),
+            ("new_flows", "New flows pinned", |c| c.new_flows),
+        ];
+        if let Some(be) = per_cpu::<Counters>(&self.pin_dir, pin::BACKEND_COUNTERS) {
+            let values: Vec<(BackendLabels, Counters)> = names
+                .backends
+                .iter()
+                .map(|(&id, (service, backend))| {
+                    let labels = BackendLabels {
+                        service: service.clone(),
+                        backend: backend.clone(),
+                    };
+                    (labels, sum_counters(&be, id))
+                })
+                .collect();
+            for (name, help, get) in fields {
+                let name = format!("backend_{name}");
+                let mut m = encoder.encode_descriptor(
+                    &name,
+                    &format!("{help}, per backend"),
+                    None,
+                    MetricType::Counter,
+                )?;
+                for (labels, c) in &values {
+                    ConstCounter::new(get(c)).encode(m.encode_family(labels)?)?;
+                }
+            }
+        }
+        if let Some(svc) = per_cpu::<Counters>(&self.pin_dir, pin::SERVICE_COUNTERS) {
+            let values: Vec<(ServiceLabels, Counters)> = names
+                .services
+                .iter()
+                .map(|(&id, s)| (ServiceLabels { service: s.clone() }, sum_counters(&svc, id)))
+                .collect();
+            let fields: [(&str, &str, CounterOf); 5] = [
+                ("packets", "Packets balanced", |c| c.packets),
+                ("bytes", "Bytes balanced", |c| c.bytes),
+                ("new_flows", "New flows pinned", |c| c.new_flows),
+                ("no_backend", "Packets that found no usable backend", |c| {
+                    c.no_backend
+                }),
+                (
+                    "denied",
+                    "Packets dropped by loadBalancerSourceRanges",
+                    |c| c.denied,
+                ),
+            ];
+            for (name, help, get) in fields {
+                let name = format!("service_{name}");
+                let mut m = encoder.encode_descriptor(
+                    &name,
+                    &format!("{help}, per service port"),
+                    None,
+                    MetricType::Counter,
+                )?;
+                for (labels, c) in &values {
+                    ConstCounter::new(get(c)).encode(m.encode_family(labels)?)?;
+                }
+            }
+        }
+        if let Some(stats) = per_cpu::<Stats>(&self.pin_dir, pin::STATS) {
+            let mut total = Stats::default();
+            if let Ok(v) = stats.get(&0, 0) {
+                for cpu in v.iter() {
+                    total.add(cpu);
+                }
+            }
+            let mut m = encoder.encode_descriptor(
+                "datapath",
+                "Datapath verdict counters (LB_STATS fields; see README, Verdicts)",
+                None,
+                MetricType::Counter,
+            )?;
+            for (counter, v) in total.named() {
+                ConstCounter::new(v).encode(m.encode_family(&CounterLabel { counter })?)?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,183 @@
+//! The Kubernetes source: kube-rs reflectors on Services, EndpointSlices and
+//! this node's Node. It only keeps the objects; the agent turns a snapshot
+//! into map operations through the same translation and planner as the
+//! manifests source.
+//!
+//! Sync discipline: [`KubeSource::snapshot`] returns `None` until every kind
+//! has completed its initial list, so a restarted agent deletes nothing
+//! before it has seen the whole cluster. While the API server is unreachable
+//! the stores keep their last state (and so do the maps); the watchers retry
+//! with backoff and, after a `410 Gone`, re-list; a reflector swaps in a
+//! re-listed store only when the list is complete.
+
+use std::{path::Path, sync::Arc};
+
+use futures::{FutureExt, StreamExt, stream::BoxStream};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client, Config,
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::{
+        WatchStreamExt,
+        reflector::{self, Store},
+        watcher,
+    },
+};
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use super::Objects;
+use crate::error::{Error, Result};
+
+/// Label that hands a Service to another proxy (kube-proxy skips those too).
+const PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Label set on the EndpointSlices of headless Services.
+const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+
+/// A client from `kubeconfig` if given, else the in-cluster configuration
+/// (then `KUBECONFIG` / `~/.kube/config`).
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = Kubeconfig::read_from(path)
+                .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+            Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                .await
+                .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?
+        }
+        None => Config::infer()
+            .await
+            .map_err(|e| Error::Config(format!("no Kubernetes configuration: {e}")))?,
+    };
+    Client::try_from(config).map_err(|e| Error::Config(format!("Kubernetes client: {e}")))
+}
+
+/// The three reflector stores.
+pub struct KubeSource {
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
+    node: Store<Node>,
+}
+
+impl KubeSource {
+    /// Starts the watchers on `client`'s runtime. Each change (after the
+    /// stores are ready) sends `()` on the returned channel, coalesced: a
+    /// burst of events wakes the agent once.
+    pub fn start(client: Client, node_name: &str) -> (Self, mpsc::Receiver<()>) {
+        let (svc_store, svc_writer) = reflector::store();
+        let (eps_store, eps_writer) = reflector::store();
+        let (node_store, node_writer) = reflector::store();
+
+        let svc_cfg = watcher::Config::default().labels(&format!("!{PROXY_NAME_LABEL}"));
+        let eps_cfg =
+            watcher::Config::default().labels(&format!("!{PROXY_NAME_LABEL},!{HEADLESS_LABEL}"));
+        let node_cfg = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
+
+        fn kind<K>(
+            name: &'static str,
+            s: impl futures::Stream<Item = watcher::Result<watcher::Event<K>>> + Send + 'static,
+        ) -> BoxStream<'static, (&'static str, std::result::Result<(), String>)>
+        where
+            K: Send + 'static,
+        {
+            s.map(move |r| (name, r.map(|_| ()).map_err(|e| e.to_string())))
+                .boxed()
+        }
+        let streams = vec![
+            kind(
+                "Service",
+                reflector::reflector(
+                    svc_writer,
+                    watcher(Api::<Service>::all(client.clone()), svc_cfg),
+                )
+                .default_backoff(),
+            ),
+            kind(
+                "EndpointSlice",
+                reflector::reflector(
+                    eps_writer,
+                    watcher(Api::<EndpointSlice>::all(client.clone()), eps_cfg),
+                )
+                .default_backoff(),
+            ),
+            kind(
+                "Node",
+                reflector::reflector(node_writer, watcher(Api::<Node>::all(client), node_cfg))
+                    .default_backoff(),
+            ),
+        ];
+        let (tx, rx) = mpsc::channel(1);
+        tokio::spawn(async move {
+            let mut all = futures::stream::select_all(streams);
+            let mut failing = false;
+            while let Some((kind, r)) = all.next().await {
+                match r {
+                    Ok(()) => {
+                        if failing {
+                            warn!("Kubernetes API reachable again ({kind} watch resumed)");
+                            failing = false;
+                        }
+                        // Full channel = a wake-up is already pending.
+                        let _ = tx.try_send(());
+                    }
+                    Err(e) => {
+                        if !failing {
+                            warn!(
+                                "{kind} watch failed, retrying with backoff; the datapath keeps its last state: {e}"
+                            );
+                        } else {
+                            debug!("{kind} watch still failing: {e}");
+                        }
+                        failing = true;
+                    }
+                }
+            }
+        });
+        (
+            Self {
+                services: svc_store,
+                slices: eps_store,
+                node: node_store,
+            },
+            rx,
+        )
+    }
+
+    /// True once every kind has completed its initial list.
+    pub fn ready(&self) -> bool {
+        // A store is ready after its first complete list.
+        fn ready<K>(s: &Store<K>) -> bool
+        where
+            K: kube::Resource + Clone + 'static,
+            K::DynamicType: Eq + std::hash::Hash + Clone,
+        {
+            s.wait_until_ready()
+                .now_or_never()
+                .is_some_and(|r| r.is_ok())
+        }
+        ready(&self.services) && ready(&self.slices) && ready(&self.node)
+    }
+
+    /// The objects now, or `None` before every kind has been listed.
+    pub fn snapshot(&self) -> Option<Objects> {
+        if !self.ready() {
+            return None;
+        }
+        fn owned<K: Clone>(v: Vec<Arc<K>>) -> Vec<K> {
+            v.into_iter().map(|o| (*o).clone()).collect()
+        }
+        Some(Objects {
+            services: owned(self.services.state()),
+            slices: owned(self.slices.state()),
+            origins: Default::default(),
+        })
+    }
+
+    /// This node's Node object, if the API server has one.
+    pub fn node(&self) -> Option<Arc<Node>> {
+        self.node.state().into_iter().next()
+    }
+}
