@@ -220,6 +220,27 @@ fn pin_link(link: FdLink, path: &Path) -> Result<PinnedLink> {
         .map_err(|e| Error::Datapath(format!("pinning link at {}: {e}", path.display())))
 }
 
+/// Attaches `lb_xdp_pass` (an XDP program that passes everything) to
+/// `iface` in the caller's network namespace, with the maps of the object
+/// shrunk to one entry. For test topologies: a veth delivers `XDP_TX`
+/// frames (our rejects) only to a peer that has an XDP program. The
+/// program stays attached as long as the returned object lives.
+pub fn attach_xdp_pass(iface: &str) -> Result<Ebpf> {
+    let mut loader = EbpfLoader::new();
+    for name in pin::ALL {
+        loader.map_max_entries(name, 1);
+    }
+    let mut ebpf = loader
+        .load(EBPF_OBJECT)
+        .map_err(|e| Error::Datapath(format!("loading the eBPF object: {e}")))?;
+    let prog: &mut Xdp = program(&mut ebpf, "lb_xdp_pass")?;
+    prog.load()
+        .map_err(|e| Error::Datapath(format!("loading lb_xdp_pass: {e}")))?;
+    prog.attach(iface, XdpMode::Driver)
+        .map_err(|e| Error::Datapath(format!("attaching lb_xdp_pass to {iface}: {e}")))?;
+    Ok(ebpf)
+}
+
 /// The program `name` of the object, as type `T`.
 pub fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>
 where

@@ -26,6 +26,7 @@ const KERNEL_TESTS: &[(&str, &str, &str)] = &[
     ("lb-userspace", "golden", "lb-userspace/tests/golden.rs"),
     ("xtask", "e2e", "xtask/tests/e2e.rs"),
     ("xtask", "deploy", "xtask/tests/deploy.rs"),
+    ("xtask", "kube", "xtask/tests/kube.rs"),
 ];
 
 #[derive(Debug)]

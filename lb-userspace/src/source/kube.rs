@@ -7,10 +7,10 @@
 //! has completed its initial list, so a restarted agent deletes nothing
 //! before it has seen the whole cluster. While the API server is unreachable
 //! the stores keep their last state (and so do the maps); the watchers retry
-//! with backoff and, after a `410 Gone`, re-list; a reflector swaps in a
+//! with a short backoff (at most 5 s) and, after a `410 Gone`, re-list; a reflector swaps in a
 //! re-listed store only when the list is complete.
 
-use std::{path::Path, sync::Arc};
+use std::{path::Path, sync::Arc, time::Duration};
 
 use futures::{FutureExt, StreamExt, stream::BoxStream};
 use k8s_openapi::api::{
@@ -23,6 +23,7 @@ use kube::{
     runtime::{
         WatchStreamExt,
         reflector::{self, Store},
+        utils::Backoff,
         watcher,
     },
 };
@@ -36,6 +37,49 @@ use crate::error::{Error, Result};
 const PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 /// Label set on the EndpointSlices of headless Services.
 const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+
+/// Retry delays of a failing watch: 100 ms doubling to 5 s, ±20% jitter so
+/// that the agents of a large cluster do not reconnect in step; reset after a
+/// success. (kube's default backoff grows to 30 s, which would leave a node
+/// stale for half a minute after a short API-server outage.)
+struct WatchBackoff {
+    next: Duration,
+    seed: u64,
+}
+
+impl WatchBackoff {
+    const MIN: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(5);
+
+    fn new() -> Self {
+        use std::hash::{BuildHasher, RandomState};
+        Self {
+            next: Self::MIN,
+            seed: RandomState::new().hash_one(std::process::id()),
+        }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        // xorshift for the jitter; no need for a real RNG here.
+        self.seed ^= self.seed << 13;
+        self.seed ^= self.seed >> 7;
+        self.seed ^= self.seed << 17;
+        let jitter = 0.8 + (self.seed % 400) as f64 / 1000.0;
+        let d = self.next.mul_f64(jitter);
+        self.next = (self.next * 2).min(Self::MAX);
+        Some(d)
+    }
+}
+
+impl Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = Self::MIN;
+    }
+}
 
 /// A client from `kubeconfig` if given, else the in-cluster configuration
 /// (then `KUBECONFIG` / `~/.kube/config`).
@@ -93,7 +137,7 @@ impl KubeSource {
                     svc_writer,
                     watcher(Api::<Service>::all(client.clone()), svc_cfg),
                 )
-                .default_backoff(),
+                .backoff(WatchBackoff::new()),
             ),
             kind(
                 "EndpointSlice",
@@ -101,12 +145,12 @@ impl KubeSource {
                     eps_writer,
                     watcher(Api::<EndpointSlice>::all(client.clone()), eps_cfg),
                 )
-                .default_backoff(),
+                .backoff(WatchBackoff::new()),
             ),
             kind(
                 "Node",
                 reflector::reflector(node_writer, watcher(Api::<Node>::all(client), node_cfg))
-                    .default_backoff(),
+                    .backoff(WatchBackoff::new()),
             ),
         ];
         let (tx, rx) = mpsc::channel(1);

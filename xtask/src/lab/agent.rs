@@ -90,6 +90,14 @@ impl Agent {
     /// Starts the agent in `node` and waits for its first `synced` line and
     /// an `attached XDP` line per interface.
     pub fn start(node: &Netns, cfg: &AgentConfig<'_>) -> Result<Self> {
+        let mut agent = Self::spawn(node, cfg)?;
+        agent.wait_for(SYNCED, 1)?;
+        Ok(agent)
+    }
+
+    /// Starts the agent in `node` and waits only for an `attached XDP` line
+    /// per interface (not for a sync).
+    pub fn spawn(node: &Netns, cfg: &AgentConfig<'_>) -> Result<Self> {
         let log = File::create(cfg.log).with_context(|| format!("create {}", cfg.log.display()))?;
         let mut command = Command::new(cmd::program("nsenter"));
         command
@@ -138,7 +146,6 @@ impl Agent {
             child: Some(child),
             log: cfg.log.to_owned(),
         };
-        agent.wait_for(SYNCED, 1)?;
         agent.wait_for(ATTACHED, cfg.interfaces.len())?;
         Ok(agent)
     }

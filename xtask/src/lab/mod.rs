@@ -333,6 +333,18 @@ impl Lab {
         source: AgentSource<'_>,
         extra_args: &[String],
     ) -> Result<&mut Agent> {
+        let agent = self.spawn_agent_from(source, extra_args)?;
+        agent.wait_for(agent::SYNCED, 1)?;
+        Ok(agent)
+    }
+
+    /// Starts the agent on `source` and waits only until it has attached
+    /// (a Kubernetes agent syncs once it has listed everything).
+    pub fn spawn_agent_from(
+        &mut self,
+        source: AgentSource<'_>,
+        extra_args: &[String],
+    ) -> Result<&mut Agent> {
         if self.agent.is_some() {
             bail!("the agent is already running");
         }
@@ -341,7 +353,7 @@ impl Lab {
             None => agent::binary()?,
         };
         let log = self.dir().join("lb-agent.log");
-        let agent = Agent::start(
+        let agent = Agent::spawn(
             &self.node,
             &AgentConfig {
                 bin: &bin,
