@@ -25,5 +25,9 @@ fn main() -> anyhow::Result<()> {
                 .build()?;
             rt.block_on(lb_userspace::agent::run(args))
         }
+        Command::XdpPass(args) => {
+            lb_userspace::loader::pin_xdp_pass(&args.interface, &args.pin)?;
+            Ok(())
+        }
     }
 }
