@@ -63,13 +63,23 @@ pub const BACKEND_ACTIVE: u8 = 1;
 pub const BACKEND_TERMINATING: u8 = 2;
 
 /// [`crate::maps::BackendV4::flags`]: the backend runs on this node (DNAT, then
-/// the kernel routes to the pod).
+/// the kernel routes to the pod). Without it the backend is remote: DNAT +
+/// SNAT to this node's address, forwarded from XDP.
 pub const BACKEND_F_LOCAL: u8 = 1;
 
 /// [`crate::maps::CtKeyV4::dir`]: client → frontend, looked up by XDP.
 pub const CT_DIR_FORWARD: u8 = 0;
 /// [`crate::maps::CtKeyV4::dir`]: backend → client, looked up by TC egress.
 pub const CT_DIR_REPLY: u8 = 1;
+
+/// [`crate::maps::CtKeyV4::dir`]: key of `LB_NAT_V4`: the reply of a
+/// forwarded flow as it returns from the backend's node (backend → this
+/// node's SNAT address and port).
+pub const CT_DIR_SNAT: u8 = 2;
+
+/// [`crate::maps::CtValueV4::flags`]: the flow goes to a remote backend,
+/// source-NATed to `snat_addr:snat_port_be`.
+pub const CT_F_SNAT: u8 = 1;
 
 /// [`crate::maps::CtValueV4::tcp_flags`]: a SYN was seen from the client.
 pub const CT_TCP_SYN: u8 = 1;
@@ -93,6 +103,12 @@ pub const REASON_AFFINITY: u8 = 3;
 
 /// Default `sessionAffinityConfig.clientIP.timeoutSeconds` (kube-proxy's).
 pub const AFFINITY_DEFAULT_TIMEOUT_S: u32 = 10_800;
+/// Default capacity of the NAT table (flows forwarded to remote backends).
+pub const NAT_DEFAULT_CAPACITY: u32 = 131_072;
+/// Ports tried (from the flow hash on) before a new forwarded flow is
+/// dropped as `snat_exhausted`.
+pub const SNAT_PORT_TRIES: u32 = 16;
+
 /// Capacity of the session-affinity table (clients × services).
 pub const AFFINITY_CAPACITY: u32 = 65_536;
 /// Capacity of the source-range table (CIDRs across all services).
@@ -119,8 +135,12 @@ pub mod pin {
     pub const AFFINITY_V4: &str = "LB_AFFINITY_V4";
     /// `loadBalancerSourceRanges`: (service, CIDR) LPM trie.
     pub const SRC_RANGES_V4: &str = "LB_SRC_RANGE_V4";
+    /// SNAT mappings of flows forwarded to remote backends.
+    pub const NAT_V4: &str = "LB_NAT_V4";
+    /// Node-wide datapath settings.
+    pub const CONFIG: &str = "LB_CONFIG";
     /// Every map the agent pins.
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 11] = [
         FRONTENDS_V4,
         MAGLEV,
         BACKENDS_V4,
@@ -130,5 +150,7 @@ pub mod pin {
         STATS,
         AFFINITY_V4,
         SRC_RANGES_V4,
+        NAT_V4,
+        CONFIG,
     ];
 }

@@ -143,10 +143,62 @@ pub struct CtValueV4 {
     pub tcp_flags: u8,
     /// Why this backend: `REASON_*`.
     pub reason: u8,
+    /// Forward entry of a flow to a remote backend (`CT_F_SNAT`): the source
+    /// address the packets leave with (this node's), wire order.
+    pub snat_addr: [u8; 4],
+    /// Source port paired with `snat_addr`, network byte order.
+    pub snat_port_be: u16,
+    /// `CT_F_*` bits.
+    pub flags: u8,
+    /// Always 0.
+    pub _pad: u8,
     /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the entry was created.
     pub created_ns: u64,
     /// `bpf_ktime_get_ns()` of the last packet, refreshed at most once a second.
     pub last_seen_ns: u64,
+}
+
+/// Value of `LB_NAT_V4` (hash; key: a [`CtKeyV4`] with `dir =
+/// CT_DIR_SNAT`, the reply of a forwarded flow as it comes back from the
+/// backend's node: backend → this node's SNAT address and port).
+///
+/// Written by XDP when it forwards a new flow to a remote backend; removed
+/// by the agent's garbage collector once the flow is over.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NatValueV4 {
+    /// The client's address (the reply's new destination), wire order.
+    pub client_addr: [u8; 4],
+    /// The frontend address the client used (the reply's new source).
+    pub frontend_addr: [u8; 4],
+    /// The client's port, network byte order.
+    pub client_port_be: u16,
+    /// The frontend port, network byte order.
+    pub frontend_port_be: u16,
+    /// The backend the flow goes to.
+    pub backend_id: u32,
+    /// `CT_TCP_*` bits seen on replies (FIN as `CT_TCP_FIN_REPLY`).
+    pub tcp_flags: u8,
+    /// Always 0.
+    pub _pad: [u8; 7],
+    /// `bpf_ktime_get_ns()` when the mapping was made.
+    pub created_ns: u64,
+    /// `bpf_ktime_get_ns()` of the last reply, refreshed at most once a second.
+    pub last_seen_ns: u64,
+}
+
+/// Value of `LB_CONFIG` (array, one entry): node-wide datapath settings
+/// written by the agent at start.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DatapathConfig {
+    /// Source address for flows forwarded to remote backends (this node's
+    /// address), wire order. All zero: no SNAT, remote backends are not used.
+    pub snat_addr: [u8; 4],
+    /// First source port of the SNAT range (host order).
+    pub snat_port_lo: u16,
+    /// Last source port of the SNAT range (host order, inclusive).
+    pub snat_port_hi: u16,
 }
 
 /// Value of `LB_SVC_COUNTERS` and `LB_BE_COUNTERS` (per-CPU arrays indexed by
@@ -248,13 +300,23 @@ pub struct Stats {
     pub drop_no_backend: u64,
     /// New flows sent to a backend by session affinity.
     pub affinity_hits: u64,
-    /// A reject could not be built (packet too short to resize): passed.
+    /// A reject could not be built, or a RST to a service with no backend: dropped.
     pub reject_failed: u64,
+    /// New flows to remote backends: SNAT'd and forwarded (XDP_TX/REDIRECT).
+    pub forwarded: u64,
+    /// Replies of forwarded flows translated back to the client.
+    pub reverse_snat: u64,
+    /// New flows to a remote backend dropped: no free port in the SNAT range.
+    pub snat_exhausted: u64,
+    /// Forwarded packets handed to the kernel: next hop's neighbour unresolved.
+    pub fib_no_neigh: u64,
+    /// Forwarded packets handed to the kernel: no route, TTL expiring or MTU.
+    pub fib_failed: u64,
 }
 
 impl Stats {
     /// Every counter with its field name, in declaration order.
-    pub fn named(&self) -> [(&'static str, u64); 20] {
+    pub fn named(&self) -> [(&'static str, u64); 25] {
         [
             ("xdp_packets", self.xdp_packets),
             ("pass_not_ipv4", self.pass_not_ipv4),
@@ -276,6 +338,11 @@ impl Stats {
             ("drop_no_backend", self.drop_no_backend),
             ("affinity_hits", self.affinity_hits),
             ("reject_failed", self.reject_failed),
+            ("forwarded", self.forwarded),
+            ("reverse_snat", self.reverse_snat),
+            ("snat_exhausted", self.snat_exhausted),
+            ("fib_no_neigh", self.fib_no_neigh),
+            ("fib_failed", self.fib_failed),
         ]
     }
 
@@ -301,6 +368,11 @@ impl Stats {
         self.drop_no_backend += other.drop_no_backend;
         self.affinity_hits += other.affinity_hits;
         self.reject_failed += other.reject_failed;
+        self.forwarded += other.forwarded;
+        self.reverse_snat += other.reverse_snat;
+        self.snat_exhausted += other.snat_exhausted;
+        self.fib_no_neigh += other.fib_no_neigh;
+        self.fib_failed += other.fib_failed;
     }
 }
 
@@ -321,12 +393,14 @@ const _: () = assert!(size_of::<MaglevTable>() == 4 * MAGLEV_CAPACITY + 4);
 const _: () = assert!(size_of::<MaglevTable>().is_multiple_of(8));
 const _: () = assert!(size_of::<BackendV4>() == 16);
 const _: () = assert!(size_of::<CtKeyV4>() == 16);
-const _: () = assert!(size_of::<CtValueV4>() == 32);
+const _: () = assert!(size_of::<CtValueV4>() == 40);
+const _: () = assert!(size_of::<NatValueV4>() == 40);
+const _: () = assert!(size_of::<DatapathConfig>() == 8);
 const _: () = assert!(size_of::<Counters>() == 40);
 const _: () = assert!(size_of::<AffinityKeyV4>() == 8);
 const _: () = assert!(size_of::<AffinityValue>() == 16);
 const _: () = assert!(size_of::<SrcRangeV4>() == 8);
-const _: () = assert!(size_of::<Stats>() == 20 * 8);
+const _: () = assert!(size_of::<Stats>() == 25 * 8);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -339,6 +413,8 @@ mod pod {
     unsafe impl aya::Pod for BackendV4 {}
     unsafe impl aya::Pod for CtKeyV4 {}
     unsafe impl aya::Pod for CtValueV4 {}
+    unsafe impl aya::Pod for NatValueV4 {}
+    unsafe impl aya::Pod for DatapathConfig {}
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for Stats {}
     unsafe impl aya::Pod for AffinityKeyV4 {}

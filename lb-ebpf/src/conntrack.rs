@@ -4,8 +4,8 @@
 
 use aya_ebpf::{bindings::BPF_ANY, helpers::generated::bpf_ktime_get_ns};
 use lb_common::{
-    BACKEND_FREE, BackendV4, CT_DIR_FORWARD, CT_DIR_REPLY, CT_TCP_FIN_FWD, CT_TCP_FIN_REPLY,
-    CT_TCP_RST, CT_TCP_SYN, CtKeyV4, CtValueV4,
+    BACKEND_FREE, BackendV4, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_SNAT, CT_TCP_FIN_FWD,
+    CT_TCP_FIN_REPLY, CT_TCP_RST, CT_TCP_SYN, CtKeyV4, CtValueV4,
 };
 
 use crate::{
@@ -49,8 +49,8 @@ pub fn reply_key(pkt: &PacketV4) -> CtKeyV4 {
 
 /// What the forward lookup found.
 pub enum Lookup {
-    /// The flow is pinned to this live backend.
-    Hit(u32, BackendV4),
+    /// The flow is pinned to this live backend (a copy of its entry).
+    Hit(CtValueV4, BackendV4),
     /// No entry: a new flow.
     Miss,
     /// An entry whose backend is gone (freed, or reused by another service):
@@ -78,29 +78,49 @@ pub fn lookup_forward(key: &CtKeyV4, service_id: u32, tcp_flags: u8, now: u64) -
         return Lookup::Stale;
     }
     touch(ct, tcp_flags, now);
-    Lookup::Hit(ct.backend_id, *be)
+    Lookup::Hit(*ct, *be)
 }
 
-/// Merges `flags` into the entry and refreshes its time, writing only on change.
-/// A SYN after the flow ended (FIN/RST seen) starts a new connection on the
-/// same 5-tuple: the old flags are cleared.
+/// Merges `flags` into an entry's flags and refreshes its time, writing
+/// only on change. A SYN after the flow ended (FIN/RST seen) starts a new
+/// connection on the same 5-tuple: the old flags are cleared.
+#[inline(always)]
+pub fn touch_fields(tcp_flags: &mut u8, last_seen_ns: &mut u64, flags: u8, now: u64) {
+    let ended = CT_TCP_FIN_FWD | CT_TCP_FIN_REPLY | CT_TCP_RST;
+    if flags & CT_TCP_SYN != 0 && *tcp_flags & ended != 0 {
+        *tcp_flags = CT_TCP_SYN;
+    } else if *tcp_flags | flags != *tcp_flags {
+        *tcp_flags |= flags;
+    }
+    if now.wrapping_sub(*last_seen_ns) > TOUCH_NS {
+        *last_seen_ns = now;
+    }
+}
+
+/// [`touch_fields`] on a conntrack entry.
 #[inline(always)]
 pub fn touch(ct: &mut CtValueV4, flags: u8, now: u64) {
-    let ended = CT_TCP_FIN_FWD | CT_TCP_FIN_REPLY | CT_TCP_RST;
-    if flags & CT_TCP_SYN != 0 && ct.tcp_flags & ended != 0 {
-        ct.tcp_flags = CT_TCP_SYN;
-    } else if ct.tcp_flags | flags != ct.tcp_flags {
-        ct.tcp_flags |= flags;
-    }
-    if now.wrapping_sub(ct.last_seen_ns) > TOUCH_NS {
-        ct.last_seen_ns = now;
-    }
+    touch_fields(&mut ct.tcp_flags, &mut ct.last_seen_ns, flags, now);
 }
 
-/// Pins the flow of `pkt` to backend `id`: writes the forward entry and the
-/// reply entry. Returns false if either insert failed.
+/// Pins the flow of `pkt` to backend `id`: writes the forward entry and,
+/// for a local backend (`snat` is `None`), the reply entry the TC program
+/// uses. A remote backend's replies come back through `LB_NAT_V4` instead.
+/// Returns false if an insert failed.
 #[inline(always)]
-pub fn pin(pkt: &PacketV4, service_id: u32, id: u32, be: &BackendV4, reason: u8, now: u64) -> bool {
+pub fn pin(
+    pkt: &PacketV4,
+    service_id: u32,
+    id: u32,
+    be: &BackendV4,
+    reason: u8,
+    snat: Option<([u8; 4], u16)>,
+    now: u64,
+) -> bool {
+    let (snat_addr, snat_port_be, flags) = match snat {
+        Some((a, p)) => (a, p, CT_F_SNAT),
+        None => ([0; 4], 0, 0),
+    };
     let fwd = CtValueV4 {
         backend_id: id,
         service_id,
@@ -108,9 +128,18 @@ pub fn pin(pkt: &PacketV4, service_id: u32, id: u32, be: &BackendV4, reason: u8,
         nat_port_be: be.port_be,
         tcp_flags: pkt.tcp_flags,
         reason,
+        snat_addr,
+        snat_port_be,
+        flags,
+        _pad: 0,
         created_ns: now,
         last_seen_ns: now,
     };
+    if snat.is_some() {
+        return LB_CT_V4
+            .insert(forward_key(pkt), fwd, BPF_ANY as u64)
+            .is_ok();
+    }
     let rkey = CtKeyV4 {
         src_addr: be.addr,
         dst_addr: pkt.src,

@@ -1,5 +1,7 @@
-//! The XDP path: parse → frontend → conntrack → (new flow: Maglev, pin) →
-//! DNAT → XDP_PASS (the kernel routes to the local pod).
+//! The XDP path: parse → frontend → conntrack → (new flow: affinity or
+//! Maglev, pin) → DNAT → XDP_PASS (local pod: the kernel routes to it), or
+//! DNAT + SNAT → forward (remote pod: XDP_TX / XDP_REDIRECT). Replies of
+//! forwarded flows come back here too and are translated back.
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
@@ -7,16 +9,17 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    Counters, IPPROTO_TCP, REASON_AFFINITY, REASON_REBALANCED, SVC_F_DROP_NO_BACKEND,
-    SVC_F_SOURCE_RANGES, ServiceValue, SrcRangeV4, Stats,
+    BACKEND_F_LOCAL, CT_F_SNAT, Counters, IPPROTO_TCP, REASON_AFFINITY, REASON_REBALANCED,
+    SVC_F_DROP_NO_BACKEND, SVC_F_SOURCE_RANGES, ServiceValue, SrcRangeV4, Stats,
 };
 
 use crate::{
     conntrack::{self, Lookup},
+    forward,
     maps::{LB_BE_COUNTERS, LB_FRONTENDS_V4, LB_SRC_RANGE_V4, LB_STATS, LB_SVC_COUNTERS},
     nat,
     parse::{self, Bounds, PacketV4, Skip},
-    reject, select,
+    reject, select, snat,
 };
 
 /// Handles one packet; always returns a verdict (never aborts).
@@ -49,8 +52,7 @@ pub fn handle(ctx: &XdpContext) -> u32 {
     };
     // SAFETY: read-only copy of a hash value.
     let Some(svc) = (unsafe { LB_FRONTENDS_V4.get(&key) }).copied() else {
-        st.pass_not_service += 1;
-        return XDP_PASS;
+        return not_a_frontend(ctx, st, &pkt);
     };
 
     if svc.flags & SVC_F_SOURCE_RANGES != 0 && !source_allowed(&svc, &pkt) {
@@ -64,43 +66,51 @@ pub fn handle(ctx: &XdpContext) -> u32 {
     let now = conntrack::now();
     let fkey = conntrack::forward_key(&pkt);
     let lookup = conntrack::lookup_forward(&fkey, svc.service_id, pkt.tcp_flags, now);
-    let (id, be, new_flow) = match lookup {
-        Lookup::Hit(id, be) => {
+    let (id, be, snat, new_flow) = match lookup {
+        Lookup::Hit(ct, be) if ct.flags & CT_F_SNAT != 0 || be.flags & BACKEND_F_LOCAL != 0 => {
             st.established += 1;
-            (id, be, false)
+            let snat = (ct.flags & CT_F_SNAT != 0).then_some((ct.snat_addr, ct.snat_port_be));
+            (ct.backend_id, be, snat, false)
         }
-        Lookup::Miss | Lookup::Stale => {
+        _ => {
             let Some(choice) = select::choose(&svc, &pkt, now) else {
                 bump(LB_SVC_COUNTERS.get_ptr_mut(svc.service_id), |c| {
                     c.no_backend += 1
                 });
                 return refuse(ctx, st, &svc, &pkt);
             };
-            let reason = if matches!(lookup, Lookup::Stale) {
+            let reason = if matches!(lookup, Lookup::Miss) {
+                choice.reason
+            } else {
                 st.rebalanced += 1;
                 REASON_REBALANCED
-            } else {
-                choice.reason
             };
             if reason == REASON_AFFINITY {
                 st.affinity_hits += 1;
             }
-            if !conntrack::pin(
-                &pkt,
-                svc.service_id,
-                choice.id,
-                &choice.backend,
-                reason,
-                now,
-            ) {
+            let be = choice.backend;
+            let snat = if be.flags & BACKEND_F_LOCAL != 0 {
+                None
+            } else {
+                let Some(cfg) = snat::config() else {
+                    st.fib_failed += 1;
+                    return XDP_DROP;
+                };
+                let Some(ep) = snat::reserve(&cfg, &pkt, choice.id, &be, now) else {
+                    st.snat_exhausted += 1;
+                    return XDP_DROP;
+                };
+                Some(ep)
+            };
+            if !conntrack::pin(&pkt, svc.service_id, choice.id, &be, reason, snat, now) {
                 st.ct_insert_failed += 1;
             }
             st.new_flows += 1;
-            (choice.id, choice.backend, true)
+            (choice.id, be, snat, true)
         }
     };
 
-    nat::dnat_xdp(&pkt, be.addr, be.port_be);
+    nat::rewrite_xdp(&pkt, snat, Some((be.addr, be.port_be)));
 
     let len = pkt.len as u64;
     let account = |c: &mut Counters| {
@@ -112,6 +122,32 @@ pub fn handle(ctx: &XdpContext) -> u32 {
     };
     bump(LB_SVC_COUNTERS.get_ptr_mut(svc.service_id), account);
     bump(LB_BE_COUNTERS.get_ptr_mut(id), account);
+    if snat.is_none() {
+        return XDP_PASS; // the kernel routes to the local pod
+    }
+    if new_flow {
+        st.forwarded += 1;
+    }
+    forward::forward(ctx, &pkt, st)
+}
+
+/// Not a frontend: a reply of a flow this node forwarded to a remote backend
+/// (to the SNAT address, in the SNAT port range) is translated back to the
+/// client and sent on; anything else passes untouched.
+#[inline(always)]
+fn not_a_frontend(ctx: &XdpContext, st: &mut Stats, pkt: &PacketV4) -> u32 {
+    if let Some(cfg) = snat::config() {
+        let port = u16::from_be(pkt.dport_be);
+        if pkt.dst == cfg.snat_addr
+            && (cfg.snat_port_lo..=cfg.snat_port_hi).contains(&port)
+            && let Some((src, dst)) = snat::reverse(pkt, conntrack::now())
+        {
+            nat::rewrite_xdp(pkt, Some(src), Some(dst));
+            st.reverse_snat += 1;
+            return forward::forward(ctx, pkt, st);
+        }
+    }
+    st.pass_not_service += 1;
     XDP_PASS
 }
 

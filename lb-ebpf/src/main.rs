@@ -9,6 +9,8 @@
 //! select.rs     Maglev choice for new flows
 //! conntrack.rs  flow pinning (forward + reply entries)
 //! nat.rs        rewrites and checksums
+//! snat.rs       SNAT port reservation and reverse translation (remote backends)
+//! forward.rs    fib lookup, XDP_TX / XDP_REDIRECT
 //! reject.rs     TCP RST / ICMP unreachable when a service has no backend
 //! reply.rs      TC egress: reverse NAT of replies
 //! ```
@@ -17,6 +19,8 @@
 
 #[cfg(target_arch = "bpf")]
 mod conntrack;
+#[cfg(target_arch = "bpf")]
+mod forward;
 #[cfg(target_arch = "bpf")]
 mod ingress;
 #[cfg(target_arch = "bpf")]
@@ -31,6 +35,8 @@ mod reject;
 mod reply;
 #[cfg(target_arch = "bpf")]
 mod select;
+#[cfg(target_arch = "bpf")]
+mod snat;
 
 #[cfg(target_arch = "bpf")]
 mod entry {
@@ -58,6 +64,13 @@ mod entry {
     pub fn lb_tc_egress(ctx: TcContext) -> i32 {
         crate::reply::handle(&ctx)
     }
+
+    /// The programs' license, as the kernel reads it: GPL-compatible, so that
+    /// they may call `bpf_fib_lookup` (a GPL-only helper). The crate is
+    /// dual-licensed MIT / GPL-2.0 (see Cargo.toml).
+    #[unsafe(link_section = "license")]
+    #[unsafe(no_mangle)]
+    static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
 
     #[panic_handler]
     fn panic(_info: &core::panic::PanicInfo) -> ! {

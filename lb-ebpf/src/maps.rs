@@ -11,8 +11,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     AFFINITY_CAPACITY, AffinityKeyV4, AffinityValue, BackendV4, CT_DEFAULT_CAPACITY, Counters,
-    CtKeyV4, CtValueV4, FrontendKeyV4, MAX_BACKENDS, MAX_FRONTENDS, MAX_SERVICES,
-    MAX_SOURCE_RANGES, MaglevTable, ServiceValue, SrcRangeV4, Stats,
+    CtKeyV4, CtValueV4, DatapathConfig, FrontendKeyV4, MAX_BACKENDS, MAX_FRONTENDS, MAX_SERVICES,
+    MAX_SOURCE_RANGES, MaglevTable, NAT_DEFAULT_CAPACITY, NatValueV4, ServiceValue, SrcRangeV4,
+    Stats,
 };
 
 /// Frontend (addr, port, proto) → service. Written by the agent; read by XDP. Capacity `MAX_FRONTENDS`.
@@ -70,3 +71,17 @@ pub static LB_AFFINITY_V4: LruHashMap<
 #[btf_map]
 pub static LB_SRC_RANGE_V4: LpmTrie<SrcRangeV4, u32, { MAX_SOURCE_RANGES as usize }> =
     LpmTrie::new();
+
+/// SNAT mappings of flows forwarded to remote backends: the reply tuple as it
+/// returns (backend → this node's SNAT address:port, `dir = CT_DIR_SNAT`) →
+/// client and frontend. Written by XDP (`BPF_NOEXIST`: the insert is the port
+/// reservation); read by XDP for replies; deleted by the agent's GC. Not LRU:
+/// a mapping never disappears under a live flow. Capacity `NAT_DEFAULT_CAPACITY`.
+#[btf_map]
+pub static LB_NAT_V4: HashMap<CtKeyV4, NatValueV4, { NAT_DEFAULT_CAPACITY as usize }> =
+    HashMap::new();
+
+/// Node-wide settings (SNAT address and port range). Written by the agent at
+/// start; read by XDP.
+#[btf_map]
+pub static LB_CONFIG: Array<DatapathConfig, 1> = Array::new();

@@ -11,27 +11,39 @@ use lb_common::{IPPROTO_UDP, csum};
 
 use crate::parse::{IP_CHECK_OFF, IP_SRC_OFF, L4_SPORT_OFF, PacketV4};
 
-/// XDP: rewrites the destination to `addr:port_be` (DNAT). IPv4 and L4
+/// An address and a port (network byte order).
+pub type Endpoint = ([u8; 4], u16);
+
+/// XDP: rewrites the source and/or the destination of `pkt`. IPv4 and L4
 /// checksums are updated incrementally; a zero UDP checksum stays zero.
 #[inline(always)]
-pub fn dnat_xdp(pkt: &PacketV4, addr: [u8; 4], port_be: u16) {
-    let old = u32::from_ne_bytes(pkt.dst);
-    let new = u32::from_ne_bytes(addr);
+pub fn rewrite_xdp(pkt: &PacketV4, src: Option<Endpoint>, dst: Option<Endpoint>) {
     // SAFETY: the parser checked that the IPv4 header, the ports and the L4
     // checksum are inside the packet; XDP owns the packet memory.
     unsafe {
         let ip = &mut *pkt.ip;
-        ip.check = csum::replace4(u16::from_ne_bytes(ip.check), old, new).to_ne_bytes();
-        ip.dst_addr = addr;
-
-        let check = u16::from_ne_bytes(*pkt.l4_check);
-        let mut c = csum::replace4(check, old, new);
-        c = csum::replace2(c, pkt.dport_be, port_be);
-        if pkt.proto == IPPROTO_UDP {
-            c = csum::udp_fixup(check, c);
+        let mut ip_check = u16::from_ne_bytes(ip.check);
+        let l4_check = u16::from_ne_bytes(*pkt.l4_check);
+        let mut c = l4_check;
+        if let Some((addr, port_be)) = src {
+            let (old, new) = (u32::from_ne_bytes(pkt.src), u32::from_ne_bytes(addr));
+            ip_check = csum::replace4(ip_check, old, new);
+            c = csum::replace2(csum::replace4(c, old, new), pkt.sport_be, port_be);
+            ip.src_addr = addr;
+            (*pkt.ports)[0] = port_be;
         }
+        if let Some((addr, port_be)) = dst {
+            let (old, new) = (u32::from_ne_bytes(pkt.dst), u32::from_ne_bytes(addr));
+            ip_check = csum::replace4(ip_check, old, new);
+            c = csum::replace2(csum::replace4(c, old, new), pkt.dport_be, port_be);
+            ip.dst_addr = addr;
+            (*pkt.ports)[1] = port_be;
+        }
+        if pkt.proto == IPPROTO_UDP {
+            c = csum::udp_fixup(l4_check, c);
+        }
+        ip.check = ip_check.to_ne_bytes();
         *pkt.l4_check = c.to_ne_bytes();
-        (*pkt.ports)[1] = port_be;
     }
 }
 

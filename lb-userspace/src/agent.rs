@@ -128,6 +128,33 @@ impl Pipeline {
     }
 }
 
+/// Starts the garbage collector of the conntrack and NAT tables on its own
+/// thread (it only reads and deletes map entries).
+fn spawn_gc(pin_dir: &std::path::Path, args: &RunArgs, shared: Arc<Shared>) -> Result<()> {
+    use std::time::Duration;
+    let mut tables = crate::gc::Tables::open(pin_dir)?;
+    let timeouts = crate::gc::Timeouts {
+        udp_idle: Duration::from_secs(args.nat_udp_timeout),
+        tcp_idle: Duration::from_secs(args.nat_tcp_idle_timeout),
+        tcp_closed_grace: Duration::from_secs(args.nat_tcp_closed_grace),
+    };
+    let every = Duration::from_secs(args.gc_interval.max(1));
+    std::thread::Builder::new()
+        .name("gc".into())
+        .spawn(move || {
+            loop {
+                let c = tables.collect(crate::gc::monotonic_ns(), &timeouts);
+                let m = &shared.metrics;
+                m.ct_entries.set(c.ct_entries as i64);
+                m.nat_entries.set(c.nat_entries as i64);
+                m.gc_removed.inc_by(c.flows_removed as u64);
+                std::thread::sleep(every);
+            }
+        })
+        .map_err(|e| Error::Datapath(format!("starting the garbage collector: {e}")))?;
+    Ok(())
+}
+
 /// Where objects come from.
 enum Source {
     Manifests(std::path::PathBuf),
@@ -161,6 +188,19 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         ct_capacity: args.conntrack_capacity,
     })?;
     info!(pins = %dp.pin_dir.display(), "datapath loaded");
+    let snat_addr = args
+        .snat_address
+        .or_else(|| node.node_addrs.first().copied())
+        .ok_or_else(|| {
+            Error::Config("no IPv4 address on the interfaces for SNAT; pass --snat-address".into())
+        })?;
+    let (lo, hi) = args.snat_port_range;
+    dp.configure(&lb_common::DatapathConfig {
+        snat_addr: snat_addr.octets(),
+        snat_port_lo: lo,
+        snat_port_hi: hi,
+    })?;
+    info!(%snat_addr, ports = %format!("{lo}-{hi}"), "forwarding to other nodes with SNAT");
     let maps = KernelMaps::from_ebpf(&mut dp.ebpf)?;
     let current = maps.read_state()?;
     if !current.frontends.is_empty() {
@@ -192,6 +232,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         shared: shared.clone(),
         health_checks: HealthChecks::default(),
     };
+
+    spawn_gc(&dp.pin_dir, &args, shared.clone())?;
 
     // Attach first: with pinned links a restart replaces the programs
     // atomically and keeps serving the pinned state while we sync.

@@ -96,6 +96,36 @@ pub struct RunArgs {
     #[arg(long)]
     pub keep_datapath_on_exit: bool,
 
+    /// Source ports for flows forwarded to pods on other nodes (SNAT), as
+    /// LO-HI. Keep the range clear of the NodePort range and of the
+    /// kernel's ip_local_port_range. A backend serves at most this many
+    /// forwarded flows at once; beyond that new ones are dropped and counted.
+    #[arg(long, default_value = "61000-65535", value_parser = parse_port_range, value_name = "LO-HI")]
+    pub snat_port_range: (u16, u16),
+
+    /// Source address of forwarded flows (default: the first IPv4 address of
+    /// the first --interface). Replies must route back to it.
+    #[arg(long, value_name = "IPV4")]
+    pub snat_address: Option<std::net::Ipv4Addr>,
+
+    /// A UDP flow idle this many seconds is over (its conntrack and NAT
+    /// entries are removed).
+    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    pub nat_udp_timeout: u64,
+
+    /// A TCP flow idle this many seconds is over.
+    #[arg(long, default_value_t = 7200, value_name = "SECS")]
+    pub nat_tcp_idle_timeout: u64,
+
+    /// A closed TCP flow (RST, or FIN both ways) is removed this many
+    /// seconds after its last packet.
+    #[arg(long, default_value_t = 10, value_name = "SECS")]
+    pub nat_tcp_closed_grace: u64,
+
+    /// Seconds between garbage collections of the conntrack and NAT tables.
+    #[arg(long, default_value_t = 5, value_name = "SECS")]
+    pub gc_interval: u64,
+
     /// Log filter (RUST_LOG syntax), e.g. `info` or `lb_userspace=debug`.
     #[arg(long, env = "LB_LOG", default_value = "info")]
     pub log_level: String,
@@ -112,4 +142,37 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
+}
+
+/// Parses `LO-HI` (inclusive, LO ≤ HI, both ≥ 1).
+fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (lo, hi) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?}: expected LO-HI, e.g. 61000-65535"))?;
+    let lo: u16 = lo.trim().parse().map_err(|e| format!("{lo:?}: {e}"))?;
+    let hi: u16 = hi.trim().parse().map_err(|e| format!("{hi:?}: {e}"))?;
+    if lo == 0 || lo > hi {
+        return Err(format!("{s:?}: need 1 ≤ LO ≤ HI"));
+    }
+    Ok((lo, hi))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_ranges() {
+        assert_eq!(parse_port_range("61000-65535"), Ok((61000, 65535)));
+        assert_eq!(parse_port_range("5-5"), Ok((5, 5)));
+        assert!(parse_port_range("10-5").is_err());
+        assert!(parse_port_range("0-5").is_err());
+        assert!(parse_port_range("61000").is_err());
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
 }

@@ -20,6 +20,7 @@
 pub mod agent;
 pub mod cli;
 pub mod error;
+pub mod gc;
 pub mod health;
 pub mod loader;
 pub mod maglev;

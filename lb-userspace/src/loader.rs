@@ -179,6 +179,14 @@ impl Datapath {
             &tc_pin,
         )?;
 
+        // A forwarded packet whose next hop is not resolved yet is handed to
+        // the kernel already SNAT'd to this node's address; the kernel must
+        // accept a local source on this interface to forward it (and so
+        // resolve the neighbour for the next packets).
+        let sysctl = format!("/proc/sys/net/ipv4/conf/{iface}/accept_local");
+        if let Err(e) = fs::write(&sysctl, "1") {
+            warn!(iface, error = %e, "cannot set accept_local; first packets to an unresolved next hop may be lost");
+        }
         info!(iface, "attached XDP ingress and TC egress");
         self.attached.push(Attached {
             iface: iface.to_string(),
@@ -186,6 +194,20 @@ impl Datapath {
             tc: (tc_pin, tc_link),
         });
         Ok(())
+    }
+
+    /// Writes the node-wide settings (`LB_CONFIG`).
+    pub fn configure(&mut self, cfg: &lb_common::DatapathConfig) -> Result<()> {
+        let map = self
+            .ebpf
+            .map_mut(pin::CONFIG)
+            .ok_or_else(|| Error::Datapath(format!("{} missing from the object", pin::CONFIG)))?;
+        let mut array: aya::maps::Array<_, lb_common::DatapathConfig> =
+            aya::maps::Array::try_from(map)
+                .map_err(|e| Error::Datapath(format!("{}: {e}", pin::CONFIG)))?;
+        array
+            .set(0, cfg, 0)
+            .map_err(|e| Error::Datapath(format!("{}: {e}", pin::CONFIG)))
     }
 
     /// Detaches every program from every interface (maps stay pinned).

@@ -95,6 +95,12 @@ pub struct Metrics {
     pub syncs: Family<ResultLabel, Counter>,
     /// Names for the datapath collector's labels.
     pub names: Arc<RwLock<Names>>,
+    /// `lb_conntrack_entries`: conntrack fill level at the last collection.
+    pub ct_entries: Gauge,
+    /// `lb_nat_entries`: NAT table fill level at the last collection.
+    pub nat_entries: Gauge,
+    /// `lb_gc_flows_removed_total`.
+    pub gc_removed: Counter,
 }
 
 impl Metrics {
@@ -126,6 +132,24 @@ impl Metrics {
             sync_seconds.clone(),
         );
         registry.register("syncs", "Syncs of the maps, by result", syncs.clone());
+        let ct_entries = Gauge::default();
+        let nat_entries = Gauge::default();
+        let gc_removed = Counter::default();
+        registry.register(
+            "conntrack_entries",
+            "Conntrack entries (two per local flow, one per forwarded flow)",
+            ct_entries.clone(),
+        );
+        registry.register(
+            "nat_entries",
+            "SNAT mappings of flows forwarded to other nodes",
+            nat_entries.clone(),
+        );
+        registry.register(
+            "gc_flows_removed",
+            "Flows removed by the garbage collector (ended or idle)",
+            gc_removed.clone(),
+        );
         let names = Arc::new(RwLock::new(Names::default()));
         registry.register_collector(Box::new(DatapathCollector {
             pin_dir,
@@ -139,6 +163,9 @@ impl Metrics {
             sync_seconds,
             syncs,
             names,
+            ct_entries,
+            nat_entries,
+            gc_removed,
         }
     }
 

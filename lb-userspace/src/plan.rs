@@ -10,9 +10,11 @@
 //!   the smallest id not used in the maps.
 //! * Backend ids: one per (service id, address, port), kept while that
 //!   backend exists; new ones get the smallest id not used in the maps.
-//!   Remote backends are not written for now. Freed ids are only reused when
-//!   no never-used id is left.
-//! * Maglev tables are built from the active local backends and rewritten
+//!   Remote backends (on other nodes) are written without
+//!   `BACKEND_F_LOCAL`: the datapath forwards to them with SNAT. Freed ids
+//!   are only reused when no never-used id is left.
+//! * Maglev tables are built from the active backends, local and remote
+//!   (every node computes the same table), and rewritten
 //!   only when that set of ids or the table size changed.
 //! * Operations come only for differences, in the order the datapath can
 //!   follow safely: `PutBackend`, `PutMaglev`, `PutFrontend`,
@@ -169,11 +171,7 @@ pub fn plan(current: &MapState, desired: &Desired, cfg: &PlanConfig) -> Result<V
             max: MAX_FRONTENDS as usize,
         });
     }
-    let n_backends: usize = desired
-        .services
-        .values()
-        .map(|s| s.backends.iter().filter(|b| b.local).count())
-        .sum();
+    let n_backends: usize = desired.services.values().map(|s| s.backends.len()).sum();
     if n_backends >= MAX_BACKENDS as usize {
         return Err(Error::Capacity {
             what: "backends",
@@ -258,7 +256,7 @@ pub fn plan(current: &MapState, desired: &Desired, cfg: &PlanConfig) -> Result<V
     for (i, sp) in desired.services.values().enumerate() {
         let sid = sid_of[i].unwrap_or_default();
         let mut list = Vec::new();
-        for b in sp.backends.iter().filter(|b| b.local) {
+        for b in &sp.backends {
             let active = b.state == BackendState::Active;
             let value = BackendV4 {
                 addr: b.addr.octets(),
@@ -268,7 +266,7 @@ pub fn plan(current: &MapState, desired: &Desired, cfg: &PlanConfig) -> Result<V
                 } else {
                     BACKEND_TERMINATING
                 },
-                flags: BACKEND_F_LOCAL,
+                flags: if b.local { BACKEND_F_LOCAL } else { 0 },
                 service_id: sid,
                 _pad: 0,
             };

@@ -334,12 +334,20 @@ fn translate_service(
             }
         }
 
-        let backends = backends_of(p.name.as_deref(), proto, slices, objs, node)?;
-        let remote = backends.iter().filter(|b| !b.local).count();
-        if remote > 0 {
-            out.warnings.push(format!(
-                "{spn}: {remote} endpoint(s) on other nodes left out; a later version forwards to them"
-            ));
+        let mut backends = backends_of(p.name.as_deref(), proto, slices, objs, node)?;
+        if traffic_policy == TrafficPolicy::Local {
+            // Only this node's endpoints; the KEP-1669 fallback applies
+            // among them (kube-proxy's behaviour for eTP Local).
+            backends.retain(|b| b.local);
+            if !backends.iter().any(|b| b.state == BackendState::Active) {
+                backends = backends
+                    .into_iter()
+                    .map(|b| Backend {
+                        state: BackendState::Active,
+                        ..b
+                    })
+                    .collect();
+            }
         }
         out.desired.services.insert(
             spn,

@@ -38,6 +38,7 @@ use lb_userspace::{
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
+const SNAT_LO: u16 = 61_000;
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_UNSPEC: u32 = u32::MAX; // -1
 
@@ -127,6 +128,25 @@ const OTHER_SERVICES: &str = r#"- apiVersion: v1
   - {addresses: ["198.18.1.24"], conditions: {ready: true}, nodeName: node-a}
 - apiVersion: v1
   kind: Service
+  metadata: {name: remote, namespace: demo}
+  spec:
+    type: NodePort
+    clusterIP: 10.96.0.14
+    ports:
+    - {name: t, protocol: TCP, port: 80, nodePort: 30200, targetPort: 8080}
+    - {name: u, protocol: UDP, port: 80, nodePort: 30200, targetPort: 8080}
+- apiVersion: discovery.k8s.io/v1
+  kind: EndpointSlice
+  metadata:
+    name: remote-x1
+    namespace: demo
+    labels: {kubernetes.io/service-name: remote}
+  addressType: IPv4
+  ports: [{name: t, protocol: TCP, port: 8080}, {name: u, protocol: UDP, port: 8080}]
+  endpoints:
+  - {addresses: ["198.18.2.11"], conditions: {ready: true}, nodeName: node-b}
+- apiVersion: v1
+  kind: Service
   metadata: {name: empty, namespace: demo}
   spec:
     type: NodePort
@@ -175,6 +195,12 @@ impl Golden {
         })
         .expect("load datapath");
         let maps = KernelMaps::from_ebpf(&mut dp.ebpf).expect("maps");
+        dp.configure(&lb_common::DatapathConfig {
+            snat_addr: NODE,
+            snat_port_lo: SNAT_LO,
+            snat_port_hi: SNAT_LO + 3,
+        })
+        .expect("configure SNAT");
         let mut g = Self {
             dp,
             maps,
@@ -210,6 +236,29 @@ impl Golden {
     fn xdp(&mut self, pkt: &[u8]) -> (u32, Vec<u8>) {
         let prog: &mut Xdp = program(&mut self.dp.ebpf, XDP_PROGRAM).unwrap();
         run(prog, pkt)
+    }
+
+    /// XDP with `ctx.ingress_ifindex = ifindex` (the interface of the caller's
+    /// network namespace that `bpf_fib_lookup` starts from).
+    fn xdp_on(&mut self, pkt: &[u8], ifindex: u32) -> (u32, Vec<u8>) {
+        let prog: &mut Xdp = program(&mut self.dp.ebpf, XDP_PROGRAM).unwrap();
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
+        let md: Vec<u8> = [0, pkt.len() as u32, 0, ifindex, 0, 0]
+            .iter()
+            .flat_map(|v: &u32| v.to_ne_bytes())
+            .collect();
+        let mut out = vec![0u8; pkt.len() + 256];
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(pkt),
+                data_out: Some(&mut out),
+                ctx_in: Some(&md),
+                repeat: 1,
+                ..Default::default()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
     }
 
     fn tc(&mut self, pkt: &[u8]) -> (u32, Vec<u8>) {
@@ -718,4 +767,176 @@ fn etp_local_without_local_endpoint_drops() {
     let syn = tcp((CLIENT, 40_300), (NODE, 30092), true, b"");
     assert_eq!(g.xdp(&syn), (XDP_DROP, syn.clone()));
     assert_eq!(g.stats().drop_no_backend, 1);
+}
+
+/// Runs `f` on a thread in a fresh network namespace holding `v0`
+/// (198.18.0.1/24, MAC 02:00:00:00:00:0a) with permanent neighbours for the client
+/// (MAC_A) and node B (198.18.0.3, NODE_B_MAC) and a route to node B's pods,
+/// so that `bpf_fib_lookup` succeeds. Returns `f`'s result; the namespace
+/// and its veths vanish with the thread.
+fn in_fib_netns<T: Send>(f: impl FnOnce(u32, [u8; 6]) -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare netns");
+            let ip = |args: &str| {
+                let st = std::process::Command::new("ip")
+                    .args(args.split(' '))
+                    .status()
+                    .expect("ip");
+                assert!(st.success(), "ip {args}");
+            };
+            // bpf_fib_lookup answers only where forwarding is on.
+            std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("ip_forward");
+            ip("link add v0 type veth peer name v1");
+            ip("link set v0 address 02:00:00:00:00:0a");
+            ip("addr add 198.18.0.1/24 dev v0");
+            ip("link set v0 up");
+            ip("link set v1 up");
+            ip("neigh add 198.18.0.2 lladdr 02:00:00:00:00:01 dev v0 nud permanent");
+            ip("neigh add 198.18.0.3 lladdr 02:00:00:00:00:03 dev v0 nud permanent");
+            ip("route add 198.18.2.0/24 via 198.18.0.3 dev v0");
+            let ifindex = nix::net::if_::if_nametoindex("v0").expect("v0");
+            f(ifindex, [2, 0, 0, 0, 0, 0x0a])
+        })
+        .join()
+        .expect("netns thread")
+    })
+}
+
+const NODE_B_MAC: [u8; 6] = [2, 0, 0, 0, 0, 3];
+const POD_B: [u8; 4] = [198, 18, 2, 11];
+
+/// The packet as it must leave node A: new MACs and addresses, TTL 63.
+fn tcp_out(
+    macs: ([u8; 6], [u8; 6]),
+    src: ([u8; 4], u16),
+    dst: ([u8; 4], u16),
+    syn: bool,
+    payload: &[u8],
+) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(macs.0, macs.1)
+        .ipv4(src.0, dst.0, 63)
+        .tcp(src.1, dst.1, 1000, 64240);
+    let b = if syn { b.syn() } else { b.ack(1) };
+    let mut v = Vec::new();
+    b.write(&mut v, payload).unwrap();
+    v
+}
+
+#[test]
+fn remote_backend_gets_dnat_snat_and_xdp_tx_and_the_reply_is_translated_back() {
+    if !privileged() {
+        return;
+    }
+    let mut g = Golden::new(&PODS);
+    let s0 = g.stats();
+    let syn = tcp((CLIENT, 40_500), (NODE, 30200), true, b"");
+    let (syn_out, reply_out, node_mac) = in_fib_netns(|ifindex, node_mac| {
+        let syn_out = g.xdp_on(&syn, ifindex);
+        // The port the datapath reserved is in the first 4 of the range.
+        let port = u16::from_be_bytes([syn_out.1[34], syn_out.1[35]]);
+        assert!((SNAT_LO..SNAT_LO + 4).contains(&port), "SNAT port {port}");
+        let reply = tcp((POD_B, 8080), (NODE, port), false, b"pod-b1\n");
+        let reply_out = g.xdp_on(&reply, ifindex);
+        (syn_out, reply_out, node_mac)
+    });
+    // Forward: DNAT to the pod on node B, SNAT to this node, TTL 63, MACs
+    // from the FIB, back out of the same interface.
+    assert_eq!(syn_out.0, XDP_TX);
+    let port = u16::from_be_bytes([syn_out.1[34], syn_out.1[35]]);
+    assert_eq!(
+        syn_out.1,
+        tcp_out(
+            (node_mac, NODE_B_MAC),
+            (NODE, port),
+            (POD_B, 8080),
+            true,
+            b""
+        ),
+        "DNAT+SNAT'd SYN differs from the golden packet (bytes or checksums)"
+    );
+    // Reply: source back to the frontend, destination back to the client.
+    assert_eq!(reply_out.0, XDP_TX);
+    assert_eq!(
+        reply_out.1,
+        tcp_out(
+            (node_mac, MAC_A),
+            (NODE, 30200),
+            (CLIENT, 40_500),
+            false,
+            b"pod-b1\n"
+        ),
+        "reverse-SNAT'd reply differs from the golden packet"
+    );
+    let s = g.stats();
+    assert_eq!(s.forwarded - s0.forwarded, 1);
+    assert_eq!(s.reverse_snat - s0.reverse_snat, 1);
+    // The mapping is in LB_NAT_V4, and the flow's conntrack entry says SNAT.
+    let fwd = g
+        .ct(&CtKeyV4 {
+            src_addr: CLIENT,
+            dst_addr: NODE,
+            src_port_be: 40_500u16.to_be(),
+            dst_port_be: 30200u16.to_be(),
+            proto: IPPROTO_TCP,
+            dir: CT_DIR_FORWARD,
+            _pad: [0; 2],
+        })
+        .unwrap();
+    assert_eq!(fwd.flags, lb_common::CT_F_SNAT);
+    assert_eq!(
+        (fwd.snat_addr, u16::from_be(fwd.snat_port_be)),
+        (NODE, port)
+    );
+}
+
+#[test]
+fn snat_port_exhaustion_drops_and_counts_then_udp_is_forwarded_on_a_free_port() {
+    if !privileged() {
+        return;
+    }
+    let mut g = Golden::new(&PODS);
+    let s0 = g.stats();
+    let (verdicts, udp) = in_fib_netns(|ifindex, _| {
+        // Four ports in the range: four flows get one, the others are dropped
+        // (the 16 tries from the flow hash cover all four ports).
+        let verdicts: Vec<u32> = (0..6u16)
+            .map(|i| {
+                g.xdp_on(
+                    &tcp((CLIENT, 41_000 + i), (NODE, 30200), true, b""),
+                    ifindex,
+                )
+                .0
+            })
+            .collect();
+        // UDP uses its own mappings (the protocol is part of the key).
+        let udp = g.xdp_on(&udp((CLIENT, 5000), (NODE, 30200), b"q"), ifindex);
+        (verdicts, udp)
+    });
+    assert_eq!(
+        verdicts.iter().filter(|&&v| v == XDP_TX).count(),
+        4,
+        "{verdicts:?}"
+    );
+    assert_eq!(
+        verdicts.iter().filter(|&&v| v == XDP_DROP).count(),
+        2,
+        "{verdicts:?}"
+    );
+    assert_eq!(g.stats().snat_exhausted - s0.snat_exhausted, 2);
+    assert_eq!(udp.0, XDP_TX, "UDP to the same backend still finds a port");
+    let out = etherparse::SlicedPacket::from_ethernet(&udp.1).unwrap();
+    let Some(etherparse::TransportSlice::Udp(u)) = out.transport else {
+        panic!("not UDP")
+    };
+    let Some(etherparse::NetSlice::Ipv4(ip)) = out.net else {
+        panic!("not IPv4")
+    };
+    assert_eq!(
+        u.checksum(),
+        u.to_header()
+            .calc_checksum_ipv4(&ip.header().to_header(), u.payload())
+            .unwrap(),
+        "UDP checksum after DNAT+SNAT"
+    );
 }

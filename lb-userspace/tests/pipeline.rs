@@ -189,11 +189,7 @@ fn translation_follows_kube_proxy() {
 
     assert_eq!(
         t.warnings,
-        [
-            "shop/web:http: 2 endpoint(s) on other nodes left out; a later version forwards to them",
-            "shop/web:dns-udp: 2 endpoint(s) on other nodes left out; a later version forwards to them",
-            "shop/web:sctp: SCTP is not supported; port skipped",
-        ]
+        ["shop/web:sctp: SCTP is not supported; port skipped",]
     );
 }
 
@@ -309,14 +305,15 @@ fn converge(maps: &mut MemoryMaps, desired: &Desired, cfg: &PlanConfig) -> Vec<O
     ops
 }
 
-/// Every desired frontend resolves, for many flow hashes, to an active local
-/// desired backend of its own service port, and reaches every one of them.
+/// Every desired frontend resolves, for many flow hashes, to an active
+/// desired backend (local or remote) of its own service port, and reaches
+/// every one of them.
 fn assert_resolves(maps: &MemoryMaps, desired: &Desired) {
     for sp in desired.services.values() {
         let active: BTreeSet<([u8; 4], u16)> = sp
             .backends
             .iter()
-            .filter(|b| b.local && b.state == BackendState::Active)
+            .filter(|b| b.state == BackendState::Active)
             .map(|b| (b.addr.octets(), b.port))
             .collect();
         for f in &sp.frontends {
@@ -363,15 +360,15 @@ fn plan_apply_replan_is_empty_and_resolves() {
         Op::FreeBackend { .. } => 7,
     };
     assert!(ops.windows(2).all(|w| rank(&w[0]) <= rank(&w[1])));
-    // Remote backends are not written; local terminating ones are.
+    // Remote backends are written without BACKEND_F_LOCAL (10.1.x.x are
+    // node-a's pods, 10.2.x.x node-b's); local terminating ones are kept.
     let states: Vec<(u8, u8)> = maps.backends.values().map(|b| (b.state, b.flags)).collect();
-    assert!(states.iter().all(|&(_, f)| f == BACKEND_F_LOCAL));
     assert!(states.iter().any(|&(s, _)| s == BACKEND_TERMINATING));
-    assert!(
-        maps.backends
-            .values()
-            .all(|b| b.addr[1] == 1 /* 10.1.x.x are node-a's */,)
-    );
+    for b in maps.backends.values() {
+        let local = b.addr[1] == 1;
+        assert_eq!(b.flags == BACKEND_F_LOCAL, local, "{b:?}");
+    }
+    assert!(maps.backends.values().any(|b| b.addr[1] == 2));
     assert!(
         plan(&maps.read_state().unwrap(), &d, &cfg())
             .unwrap()
@@ -611,8 +608,8 @@ proptest! {
             let restarted = MemoryMaps::from_state(&maps.read_state().unwrap());
             prop_assert!(plan(&restarted.read_state().unwrap(), d, &cfg).unwrap().is_empty());
             assert_resolves(&maps, d);
-            // Exactly the local backends of reachable service ports are written.
-            let want: usize = d.services.values().filter(|s| !s.frontends.is_empty()).map(|s| s.backends.iter().filter(|b| b.local).count()).sum();
+            // Exactly the backends (local and remote) of reachable service ports are written.
+            let want: usize = d.services.values().filter(|s| !s.frontends.is_empty()).map(|s| s.backends.len()).sum();
             prop_assert_eq!(maps.backends.len(), want);
             // A backend that stays in its service keeps its id; a service
             // port that keeps a frontend keeps its id unless another port

@@ -400,7 +400,8 @@ fn traffic_policy_local_health_check_and_affinity() {
     );
 
     // Back to Cluster with session affinity: every flow of this client
-    // lands on one pod (remote pods are not served yet, so among 1-2).
+    // lands on one pod. (pod-3 leaves: in this one-node lab a "node-b" pod
+    // is not behind another node, so it cannot be forwarded to.)
     let mut cluster = lb.clone();
     cluster["externalTrafficPolicy"] = json!("Cluster");
     cluster["sessionAffinity"] = json!("ClientIP");
