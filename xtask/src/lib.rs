@@ -5,6 +5,7 @@
 //! module here so that the tests (`tests/e2e.rs`) can reuse the lab.
 
 pub mod apiserver;
+pub mod bench;
 pub mod build;
 pub mod cmd;
 pub mod demo;

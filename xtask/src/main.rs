@@ -41,10 +41,28 @@ enum Cmd {
         /// Keep the lab up after the traffic until Ctrl-C.
         #[arg(long)]
         hold: bool,
+        /// Two nodes with an agent each and pods on both: traffic through
+        /// either node's NodePort reaches pods on both nodes (SNAT and
+        /// forwarding in XDP for the remote ones).
+        #[arg(long)]
+        two_node: bool,
     },
     /// Build the container image `localhost/lb-agent:<version>`: a static
     /// (musl) lb-agent in an image `FROM scratch`, with buildah.
     Image,
+    /// Benchmarks (issue 5, as far as built): XDP/TC per-packet cost at 1,
+    /// 1,000 and 10,000 services, Maglev spread against iptables' random
+    /// rules, sync latency of the Kubernetes agent. Needs root. Writes
+    /// target/bench/results.json.
+    Bench {
+        /// 1 and 1,000 services, 100 changes: under two minutes once built.
+        #[arg(long)]
+        quick: bool,
+        /// Also write benchmarks.json, benchmarks.md and benchmarks.svg into
+        /// this directory (e.g. docs/).
+        #[arg(long, value_name = "DIR")]
+        out: Option<std::path::PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -54,8 +72,15 @@ fn main() -> ExitCode {
         Cmd::Build { release } => xtask::build::main(release),
         Cmd::Run { release, args } => xtask::run::main(release, &args),
         Cmd::Test => xtask::test::main(),
-        Cmd::Demo { hold } => xtask::demo::main(hold),
+        Cmd::Demo { hold, two_node } => {
+            if two_node {
+                xtask::demo::two_node(hold)
+            } else {
+                xtask::demo::main(hold)
+            }
+        }
         Cmd::Image => xtask::image::main(),
+        Cmd::Bench { quick, out } => xtask::bench::main(quick, out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -27,6 +27,8 @@ const KERNEL_TESTS: &[(&str, &str, &str)] = &[
     ("xtask", "e2e", "xtask/tests/e2e.rs"),
     ("xtask", "deploy", "xtask/tests/deploy.rs"),
     ("xtask", "kube", "xtask/tests/kube.rs"),
+    ("xtask", "cluster", "xtask/tests/cluster.rs"),
+    ("xtask", "bench", "xtask/tests/bench.rs"),
 ];
 
 #[derive(Debug)]

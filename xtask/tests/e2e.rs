@@ -11,18 +11,14 @@ use std::{
     collections::BTreeSet,
     io::{ErrorKind, Write as _},
     net::{SocketAddr, SocketAddrV4, UdpSocket},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use xtask::lab::{
     self, Lab,
     agent::{AgentSource, REJECTED},
-    client::{self, EchoConn, Tally},
+    client::{self, EchoConn, Talker, Tally},
     manifest, pins,
 };
 
@@ -65,50 +61,27 @@ fn udp_many(lab: &Lab, addr: SocketAddr, n: usize) -> Tally {
         .expect("client thread")
 }
 
-/// A long-lived echo connection exercised every 100 ms on its own thread.
-struct Talker {
-    stop: Arc<AtomicBool>,
-    thread: thread::JoinHandle<Vec<Result<String, String>>>,
-}
-
-impl Talker {
-    fn start(mut conn: EchoConn) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = thread::spawn(move || {
-            let mut answers = Vec::new();
-            let mut n = 0u32;
-            while !flag.load(Ordering::SeqCst) && n < 1_000 {
-                n += 1;
-                let at = Instant::now();
-                answers.push(conn.ask(&format!("line {n}")).map_err(|e| format!("{e:#}")));
-                thread::sleep(Duration::from_millis(100).saturating_sub(at.elapsed()));
-            }
-            answers
-        });
-        Self { stop, thread }
-    }
-
-    /// Stops talking; asserts no exchange failed and every answer came from
-    /// `serving`. Returns the answers.
-    fn finish(self, what: &str, serving: &str) -> Vec<Result<String, String>> {
-        self.stop.store(true, Ordering::SeqCst);
-        let answers = self.thread.join().expect("talker thread");
-        let errors: Vec<&String> = answers.iter().filter_map(|a| a.as_ref().err()).collect();
-        let pods: BTreeSet<&String> = answers.iter().filter_map(|a| a.as_ref().ok()).collect();
-        println!(
-            "{what}: {} exchanges, {} errors, answered by {pods:?}",
-            answers.len(),
-            errors.len()
-        );
-        assert!(errors.is_empty(), "{what} broke: {errors:?}");
-        assert_eq!(
-            pods.into_iter().map(String::as_str).collect::<Vec<_>>(),
-            vec![serving],
-            "{what} moved"
-        );
-        answers
-    }
+/// Asserts that no exchange of a [`Talker`] failed and that every answer
+/// came from `serving`. Returns the answers.
+fn assert_talk(
+    answers: Vec<Result<String, String>>,
+    what: &str,
+    serving: &str,
+) -> Vec<Result<String, String>> {
+    let errors: Vec<&String> = answers.iter().filter_map(|a| a.as_ref().err()).collect();
+    let pods: BTreeSet<&String> = answers.iter().filter_map(|a| a.as_ref().ok()).collect();
+    println!(
+        "{what}: {} exchanges, {} errors, answered by {pods:?}",
+        answers.len(),
+        errors.len()
+    );
+    assert!(errors.is_empty(), "{what} broke: {errors:?}");
+    assert_eq!(
+        pods.into_iter().map(String::as_str).collect::<Vec<_>>(),
+        vec![serving],
+        "{what} moved"
+    );
+    answers
 }
 
 /// Asserts that every request was answered.
@@ -199,7 +172,7 @@ fn long_lived_connection_survives_backend_changes() {
     println!("removed pod-{removed}; endpoints now {remaining:?}");
     thread::sleep(keep_going);
 
-    let answers = talker.finish("long-lived connection", &serving);
+    let answers = assert_talk(talker.finish(), "long-lived connection", &serving);
     assert!(answers.len() >= 30, "only {} exchanges", answers.len());
 
     // New connections: the new pod gets some, the removed one none.
@@ -382,7 +355,11 @@ fn agent_killed_and_restarted_under_traffic_keeps_flows() {
         .unwrap();
     thread::sleep(Duration::from_millis(800));
 
-    let answers = talker.finish("connection across two agent restarts", &serving);
+    let answers = assert_talk(
+        talker.finish(),
+        "connection across two agent restarts",
+        &serving,
+    );
     assert!(answers.len() >= 30, "only {} exchanges", answers.len());
     let after = http_many(&lab, frontend, 60);
     println!("after the restarts: TCP {after}");

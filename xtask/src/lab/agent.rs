@@ -215,6 +215,11 @@ impl Agent {
         kill(Pid::from_raw(pid as i32), signal).with_context(|| format!("kill -{signal} {pid}"))
     }
 
+    /// Whether the agent process is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.exited(), Ok(None))
+    }
+
     /// Some(status) when the agent has exited.
     fn exited(&mut self) -> Result<Option<ExitStatus>> {
         match self.child.as_mut() {

@@ -7,7 +7,12 @@ use std::{
     fmt,
     io::{BufRead as _, BufReader, ErrorKind, Read as _, Write as _},
     net::{SocketAddr, TcpStream, UdpSocket},
-    time::Duration,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -47,12 +52,19 @@ pub fn http_get_path(addr: SocketAddr, path: &str) -> Result<String> {
 /// One UDP datagram from a new socket; returns the answer. Sends once more
 /// (same socket) when the first answer does not come within [`TIMEOUT`].
 pub fn udp_ask(addr: SocketAddr) -> Result<String> {
-    let socket = UdpSocket::bind(("0.0.0.0", 0)).context("bind UDP socket")?;
+    udp_ask_from(0, addr, b"hello\n")
+}
+
+/// Like [`udp_ask`], but from local port `port` (0: any) and with `payload`
+/// (e.g. [`super::server::WHOAMI_UDP`]).
+pub fn udp_ask_from(port: u16, addr: SocketAddr, payload: &[u8]) -> Result<String> {
+    let socket = UdpSocket::bind(("0.0.0.0", port))
+        .with_context(|| format!("bind UDP socket to port {port}"))?;
     socket.connect(addr)?;
     socket.set_read_timeout(Some(TIMEOUT))?;
     let mut buf = [0u8; 1500];
     for attempt in 0..2 {
-        socket.send(b"hello\n")?;
+        socket.send(payload)?;
         match socket.recv(&mut buf) {
             Ok(n) => return Ok(String::from_utf8_lossy(&buf[..n]).trim().to_owned()),
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
@@ -100,6 +112,43 @@ impl EchoConn {
             Some((pod, echoed)) if echoed == line => Ok(pod.to_owned()),
             _ => bail!("unexpected echo answer {answer:?} to {line:?}"),
         }
+    }
+}
+
+/// A long-lived [`EchoConn`] exercised every 100 ms on its own thread (at
+/// most 1,000 exchanges), until [`Talker::finish`].
+#[derive(Debug)]
+pub struct Talker {
+    stop: Arc<AtomicBool>,
+    thread: thread::JoinHandle<Vec<Result<String, String>>>,
+}
+
+impl Talker {
+    /// Starts talking on `conn`.
+    pub fn start(mut conn: EchoConn) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = thread::spawn(move || {
+            let mut answers = Vec::new();
+            let mut n = 0u32;
+            while !flag.load(Ordering::SeqCst) && n < 1_000 {
+                n += 1;
+                let at = Instant::now();
+                answers.push(conn.ask(&format!("line {n}")).map_err(|e| format!("{e:#}")));
+                thread::sleep(Duration::from_millis(100).saturating_sub(at.elapsed()));
+            }
+            answers
+        });
+        Self { stop, thread }
+    }
+
+    /// Stops talking and returns every exchange's answer (the responder) or
+    /// error, in order.
+    pub fn finish(self) -> Vec<Result<String, String>> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread
+            .join()
+            .unwrap_or_else(|_| vec![Err("talker thread panicked".to_owned())])
     }
 }
 

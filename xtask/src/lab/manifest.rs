@@ -19,7 +19,39 @@ pub const NODE_NAME: &str = "node-a";
 /// port number; the Service's `http` port targets the named container port
 /// `web`.
 pub fn echo_service(endpoints: &[Ipv4Addr]) -> String {
-    let mut yaml = String::from(
+    let endpoints: Vec<(Ipv4Addr, &str)> = endpoints.iter().map(|&a| (a, NODE_NAME)).collect();
+    echo_service_with(&endpoints, &EchoOptions::default())
+}
+
+/// Variants of the `demo/echo` Service for [`echo_service_with`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EchoOptions {
+    /// `externalTrafficPolicy: Local` (default: Cluster, not written).
+    pub local_policy: bool,
+    /// `type: LoadBalancer` with this address in
+    /// `status.loadBalancer.ingress` (served on `port` 80).
+    pub load_balancer_ip: Option<Ipv4Addr>,
+}
+
+/// Like [`echo_service`], with each endpoint on the node it names
+/// (`nodeName`) and the Service variant `options`. With the default options
+/// and every endpoint on [`NODE_NAME`] the text is [`echo_service`]'s.
+pub fn echo_service_with(endpoints: &[(Ipv4Addr, &str)], options: &EchoOptions) -> String {
+    let kind = if options.load_balancer_ip.is_some() {
+        "LoadBalancer"
+    } else {
+        "NodePort"
+    };
+    let policy = if options.local_policy {
+        "    externalTrafficPolicy: Local\n"
+    } else {
+        ""
+    };
+    let status = match options.load_balancer_ip {
+        Some(ip) => format!("  status:\n    loadBalancer:\n      ingress:\n      - ip: {ip}\n"),
+        None => String::new(),
+    };
+    let mut yaml = format!(
         "apiVersion: v1
 kind: List
 metadata:
@@ -33,8 +65,8 @@ items:
     labels:
       app: echo
   spec:
-    type: NodePort
-    selector:
+    type: {kind}
+{policy}    selector:
       app: echo
     clusterIP: 10.96.0.90
     clusterIPs:
@@ -52,7 +84,7 @@ items:
       port: 80
       targetPort: 8080
       nodePort: 30090
-- apiVersion: discovery.k8s.io/v1
+{status}- apiVersion: discovery.k8s.io/v1
   kind: EndpointSlice
   metadata:
     name: echo-x7k2p
@@ -69,9 +101,9 @@ items:
     protocol: UDP
     port: 8080
   endpoints:
-",
+"
     );
-    for (i, addr) in endpoints.iter().enumerate() {
+    for (i, (addr, node)) in endpoints.iter().enumerate() {
         let _ = write!(
             yaml,
             "  - addresses:
@@ -80,7 +112,7 @@ items:
       ready: true
       serving: true
       terminating: false
-    nodeName: {NODE_NAME}
+    nodeName: {node}
     targetRef:
       kind: Pod
       name: echo-{i}
@@ -109,5 +141,25 @@ mod tests {
         assert!(yaml.contains("    - 198.18.1.12\n"));
         assert_eq!(yaml.matches("nodeName: node-a").count(), 2);
         assert!(yaml.contains("nodePort: 30090"));
+        assert!(yaml.contains("type: NodePort\n"));
+        assert!(!yaml.contains("externalTrafficPolicy"));
+        assert!(!yaml.contains("status:"));
+    }
+
+    #[test]
+    fn variants_name_nodes_policy_and_load_balancer() {
+        let a = Ipv4Addr::new(198, 18, 1, 11);
+        let b = Ipv4Addr::new(198, 18, 2, 11);
+        let yaml = echo_service_with(
+            &[(a, "node-a"), (b, "node-b")],
+            &EchoOptions {
+                local_policy: true,
+                load_balancer_ip: Some(Ipv4Addr::new(198, 18, 0, 100)),
+            },
+        );
+        assert!(yaml.contains("    nodeName: node-a\n"));
+        assert!(yaml.contains("    nodeName: node-b\n"));
+        assert!(yaml.contains("    type: LoadBalancer\n    externalTrafficPolicy: Local\n"));
+        assert!(yaml.contains("      - ip: 198.18.0.100\n"));
     }
 }

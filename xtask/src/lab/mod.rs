@@ -15,6 +15,7 @@
 
 pub mod agent;
 pub mod client;
+pub mod cluster;
 pub mod manifest;
 pub mod netns;
 pub mod server;

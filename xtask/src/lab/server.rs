@@ -23,6 +23,11 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the accept and receive loops look at the stop flag.
 const STOP_POLL: Duration = Duration::from_millis(50);
 
+/// The HTTP path whose answer names the peer: `<label> <peer-ip>`.
+pub const WHOAMI_PATH: &str = "/whoami";
+/// A UDP datagram starting with this gets `<label> <peer-ip>`.
+pub const WHOAMI_UDP: &[u8] = b"whoami";
+
 /// Requests served, by protocol.
 #[derive(Debug, Default)]
 pub struct ServerCounts {
@@ -35,9 +40,11 @@ pub struct ServerCounts {
 /// A server answering as `label` on TCP and UDP `port`; stops on drop.
 ///
 /// TCP: a first line starting with `GET ` gets an HTTP/1.1 200 response with
-/// `Connection: close` and body `<label>\n`; any other first line starts echo
-/// mode, where each line gets `<label> <line>\n` until EOF. UDP: each
-/// datagram gets `<label>`.
+/// `Connection: close` and body `<label>\n` (for the path [`WHOAMI_PATH`]:
+/// `<label> <peer-ip>\n`, the source address the server saw); any other
+/// first line starts echo mode, where each line gets `<label> <line>\n`
+/// until EOF. UDP: each datagram gets `<label>` (a datagram that starts with
+/// [`WHOAMI_UDP`]: `<label> <peer-ip>`).
 #[derive(Debug)]
 pub struct Server {
     label: String,
@@ -112,7 +119,7 @@ fn accept_loop(listener: &TcpListener, label: &str, stop: &AtomicBool, counts: &
         if poll(&mut fds, timeout).unwrap_or(0) == 0 {
             continue;
         }
-        while let Ok((stream, _peer)) = listener.accept() {
+        while let Ok((stream, peer)) = listener.accept() {
             counts.tcp.fetch_add(1, Ordering::Relaxed);
             let label = label.to_owned();
             // Connection threads are detached: they end at EOF or after
@@ -120,13 +127,13 @@ fn accept_loop(listener: &TcpListener, label: &str, stop: &AtomicBool, counts: &
             let _ = thread::Builder::new()
                 .name(format!("{label}-conn"))
                 .spawn(move || {
-                    let _ = serve_tcp(stream, &label);
+                    let _ = serve_tcp(stream, &label, peer);
                 });
         }
     }
 }
 
-fn serve_tcp(stream: TcpStream, label: &str) -> std::io::Result<()> {
+fn serve_tcp(stream: TcpStream, label: &str, peer: SocketAddr) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(IDLE_TIMEOUT))?;
     stream.set_nodelay(true)?;
@@ -144,7 +151,12 @@ fn serve_tcp(stream: TcpStream, label: &str) -> std::io::Result<()> {
                 break;
             }
         }
-        let body = format!("{label}\n");
+        let whoami = line.split_whitespace().nth(1) == Some(WHOAMI_PATH);
+        let body = if whoami {
+            format!("{label} {}\n", peer.ip())
+        } else {
+            format!("{label}\n")
+        };
         write!(
             writer,
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
@@ -167,9 +179,13 @@ fn serve_tcp(stream: TcpStream, label: &str) -> std::io::Result<()> {
 fn udp_loop(socket: &UdpSocket, label: &str, stop: &AtomicBool, counts: &ServerCounts) {
     let mut buf = [0u8; 2048];
     while !stop.load(Ordering::SeqCst) {
-        if let Ok((_len, peer)) = socket.recv_from(&mut buf) {
+        if let Ok((len, peer)) = socket.recv_from(&mut buf) {
             counts.udp.fetch_add(1, Ordering::Relaxed);
-            let _ = socket.send_to(label.as_bytes(), peer);
+            if buf[..len].starts_with(WHOAMI_UDP) {
+                let _ = socket.send_to(format!("{label} {}", peer.ip()).as_bytes(), peer);
+            } else {
+                let _ = socket.send_to(label.as_bytes(), peer);
+            }
         }
     }
 }

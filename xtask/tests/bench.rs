@@ -1,0 +1,137 @@
+//! Smoke test of `cargo xtask bench --quick`: every section of the results
+//! is there with sane numbers, and the docs (markdown, chart) are written.
+//! Needs root (`cargo xtask test` runs it as a kernel test).
+
+use std::io::Write as _;
+
+use serde_json::Value;
+
+fn num(v: &Value, path: &str) -> f64 {
+    let mut cur = v;
+    for part in path.split('.') {
+        cur = match part.parse::<usize>() {
+            Ok(i) => &cur[i],
+            Err(_) => &cur[part],
+        };
+    }
+    cur.as_f64()
+        .unwrap_or_else(|| panic!("{path} is not a number: {cur}"))
+}
+
+fn within(v: &Value, path: &str, lo: f64, hi: f64) {
+    let x = num(v, path);
+    assert!(
+        x.is_finite() && (lo..=hi).contains(&x),
+        "{path} = {x}, expected within [{lo}, {hi}]"
+    );
+}
+
+#[test]
+fn quick_bench_has_every_section_with_sane_numbers() {
+    if !xtask::is_root() {
+        assert!(!xtask::is_ci(), "CI is set but not running as root");
+        let _ = writeln!(
+            std::io::stderr(),
+            "\n!!! SKIPPED bench smoke test: needs root !!!\n"
+        );
+        return;
+    }
+    let r = xtask::bench::run(true).unwrap_or_else(|e| panic!("bench --quick: {e:#}"));
+
+    // Machine description.
+    assert!(!r["machine"]["kernel"].as_str().unwrap().is_empty());
+    assert!(!r["machine"]["cpu"].as_str().unwrap().is_empty());
+    within(&r, "machine.cores", 1.0, 4096.0);
+    within(&r, "machine.memory_mib", 256.0, 1e8);
+    assert_eq!(r["quick"], true);
+
+    // 1. Per-packet cost: 1 and 1,000 services, every figure positive and
+    // far below a microsecond or so (anything else is a broken method).
+    let rows = r["datapath"]["rows"].as_array().expect("datapath.rows");
+    let services: Vec<u64> = rows
+        .iter()
+        .map(|r| r["services"].as_u64().unwrap())
+        .collect();
+    assert_eq!(services, [1, 1_000]);
+    for i in 0..rows.len() {
+        for k in [
+            "non_service_ns",
+            "established_ns",
+            "tc_reply_ns",
+            "call_overhead_ns",
+        ] {
+            within(&r, &format!("datapath.rows.{i}.{k}"), 1.0, 5_000.0);
+        }
+        within(
+            &r,
+            &format!("datapath.rows.{i}.new_flow_raw_ns"),
+            1.0,
+            50_000.0,
+        );
+        within(
+            &r,
+            &format!("datapath.rows.{i}.new_flow_ns"),
+            -1_000.0,
+            50_000.0,
+        );
+        // A new flow costs more than a hit, a hit more than a miss.
+        assert!(
+            num(&r, &format!("datapath.rows.{i}.new_flow_raw_ns"))
+                > num(&r, &format!("datapath.rows.{i}.non_service_ns")),
+            "row {i}: new flow cheaper than a non-service packet"
+        );
+    }
+    assert!(r["datapath"]["spread_pct"]["established_ns"].is_number());
+
+    // 2. Spread: shares sum to one, Maglev near-even, p-values in [0, 1].
+    for sys in ["maglev", "iptables_random"] {
+        let shares: f64 = r["spread"][sys]["shares"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .sum();
+        assert!((shares - 1.0).abs() < 1e-3, "{sys}: shares sum to {shares}");
+        within(&r, &format!("spread.{sys}.p_value"), 0.0, 1.0);
+        within(&r, &format!("spread.{sys}.max_min_ratio"), 1.0, 1.2);
+    }
+    within(&r, "spread.removal.maglev_moved_share", 0.09, 0.2);
+    within(
+        &r,
+        "spread.removal.iptables_moved_share_simulated",
+        0.85,
+        0.95,
+    );
+
+    // 3. Sync latency: 100 changes, ordered percentiles, under 10 s each.
+    assert_eq!(r["sync_latency"]["changes"], 100);
+    within(&r, "sync_latency.p50_ms", 0.0, 10_000.0);
+    assert!(num(&r, "sync_latency.p50_ms") <= num(&r, "sync_latency.p99_ms"));
+    assert!(num(&r, "sync_latency.p99_ms") <= num(&r, "sync_latency.max_ms"));
+    assert_eq!(r["sync_latency"]["agent_errors_logged"], 0);
+
+    // Placeholders for the kube-proxy side, and the target verdicts.
+    assert_eq!(r["kube_proxy"]["status"], xtask::bench::NOT_MEASURED);
+    assert!(r["targets"].as_array().unwrap().len() >= 6);
+
+    // The docs the bench writes with --out.
+    let dir = tempfile::tempdir().unwrap();
+    xtask::bench::write_docs(&r, dir.path()).unwrap();
+    let md = std::fs::read_to_string(dir.path().join("benchmarks.md")).unwrap();
+    for needle in [
+        "## 1. XDP and TC per-packet cost",
+        "## 2. Spread",
+        "## 3. Sync latency",
+        xtask::bench::NOT_MEASURED,
+        "benchmarks.svg",
+    ] {
+        assert!(md.contains(needle), "benchmarks.md lacks {needle:?}");
+    }
+    let svg = std::fs::read_to_string(dir.path().join("benchmarks.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    assert_eq!(svg.matches("<polyline").count(), 5);
+    let back: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("benchmarks.json")).unwrap())
+            .unwrap();
+    assert_eq!(back, r);
+}
