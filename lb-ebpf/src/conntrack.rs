@@ -2,7 +2,7 @@
 //! and remembers how to undo the DNAT on replies (reply entry, looked up by
 //! TC egress). Both entries are written together when a flow is pinned.
 
-use aya_ebpf::{bindings::BPF_ANY, helpers::generated::bpf_ktime_get_ns};
+use aya_ebpf::{bindings::BPF_ANY, helpers::generated::bpf_ktime_get_coarse_ns};
 use lb_common::{
     BACKEND_FREE, BackendV4, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_SNAT, CT_TCP_FIN_FWD,
     CT_TCP_FIN_REPLY, CT_TCP_RST, CT_TCP_SYN, CtKeyV4, CtValueV4,
@@ -21,7 +21,7 @@ const TOUCH_NS: u64 = 1_000_000_000;
 #[inline(always)]
 pub fn now() -> u64 {
     // SAFETY: helper without arguments.
-    unsafe { bpf_ktime_get_ns() }
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 /// The forward key of `pkt` (client → frontend).

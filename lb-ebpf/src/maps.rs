@@ -5,7 +5,7 @@
 //! All maps are BTF maps, so `bpftool map dump` prints named fields.
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_NO_COMMON_LRU, BPF_F_NO_PREALLOC},
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
@@ -39,10 +39,16 @@ pub static LB_BACKENDS_V4: Array<BackendV4, { MAX_BACKENDS as usize }> = Array::
 
 /// Conntrack, both directions (`CtKeyV4::dir`). Written by XDP (new flows)
 /// and TC (reply flags); read by both. LRU: a full table evicts the least
-/// recently used flow. Capacity `CT_DEFAULT_CAPACITY` (the agent may resize).
+/// recently used flow. `BPF_F_NO_COMMON_LRU`: each CPU keeps its own LRU
+/// list (the table is still shared), so inserts do not contend on one list.
+/// Capacity `CT_DEFAULT_CAPACITY` (the agent may resize).
 #[btf_map]
-pub static LB_CT_V4: LruHashMap<CtKeyV4, CtValueV4, { CT_DEFAULT_CAPACITY as usize }> =
-    LruHashMap::new();
+pub static LB_CT_V4: LruHashMap<
+    CtKeyV4,
+    CtValueV4,
+    { CT_DEFAULT_CAPACITY as usize },
+    { BPF_F_NO_COMMON_LRU as usize },
+> = LruHashMap::new();
 
 /// Service id → counters, per CPU. Written by XDP; read by the agent.
 #[btf_map]

@@ -54,6 +54,10 @@ impl Names {
     /// Names for the ids in `state`, found through the desired state's frontends.
     pub fn of(desired: &Desired, state: &MapState) -> Self {
         let mut n = Names::default();
+        let mut by_service: BTreeMap<u32, Vec<(u32, &lb_common::BackendV4)>> = BTreeMap::new();
+        for (&id, b) in &state.backends {
+            by_service.entry(b.service_id).or_default().push((id, b));
+        }
         for (name, sp) in &desired.services {
             let Some(sid) = sp
                 .frontends
@@ -64,7 +68,7 @@ impl Names {
                 continue;
             };
             n.services.insert(sid, name.to_string());
-            for (&id, b) in state.backends.iter().filter(|(_, b)| b.service_id == sid) {
+            for &(id, b) in by_service.get(&sid).into_iter().flatten() {
                 let addr = std::net::Ipv4Addr::from(b.addr);
                 n.backends.insert(
                     id,

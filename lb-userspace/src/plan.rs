@@ -310,9 +310,10 @@ pub fn plan(current: &MapState, desired: &Desired, cfg: &PlanConfig) -> Result<V
         if has_table {
             want_tables.insert(sid);
             let ids: BTreeSet<u32> = active.iter().map(|b| b.0).collect();
-            let unchanged = current.maglev.get(&sid).is_some_and(|t| {
-                t.len() == size as usize && t.iter().copied().collect::<BTreeSet<u32>>() == ids
-            });
+            let unchanged = current
+                .maglev
+                .get(&sid)
+                .is_some_and(|t| t.slots.len() == size as usize && t.members == ids);
             if !unchanged {
                 let names: Vec<&str> = active.iter().map(|b| b.1.as_str()).collect();
                 let mut table = Box::new(MaglevTable::default());

@@ -143,6 +143,7 @@ pub fn run(quick: bool) -> Result<Value> {
         "git": git_describe(),
         "machine": machine,
         "datapath": dp["datapath"],
+        "snat": dp["snat"],
         "spread": dp["spread"],
         "sync_latency": sync,
         "kube_proxy": {
@@ -1035,6 +1036,22 @@ pub fn markdown(r: &Value) -> String {
          of item 4.\n",
         dp["maglev_table_size"]
     );
+
+    // 1b. The forwarding path (remote backends, issue 4).
+    let sn = &r["snat"];
+    if sn.is_object() {
+        let _ = writeln!(m, "### Forwarding to another node (SNAT path)\n");
+        let _ = writeln!(
+            m,
+            "| new forwarded flow | packet of a forwarded flow | reply, reverse SNAT | call overhead |\n\
+             |---:|---:|---:|---:|\n| {} ns | {} ns | {} ns | {} ns |\n",
+            sn["new_forwarded_flow_ns"],
+            sn["established_forwarded_ns"],
+            sn["reverse_snat_ns"],
+            sn["call_overhead_ns"]
+        );
+        let _ = writeln!(m, "- {}\n", sn["method"].as_str().unwrap_or("?"));
+    }
 
     // 2. Spread.
     let s = &r["spread"];

@@ -17,7 +17,7 @@ use lb_common::{
     pin,
 };
 
-use super::{MapState, MapWriter, Op, SrcRange};
+use super::{MaglevEntry, MapState, MapWriter, Op, SrcRange};
 use crate::error::{Error, Result};
 
 /// Typed handles on the maps the agent writes.
@@ -149,7 +149,7 @@ impl MapWriter for KernelMaps {
             let size = sizes
                 .get(&id)
                 .map_or(MAGLEV_CAPACITY, |s| (*s as usize).min(MAGLEV_CAPACITY));
-            maglev.insert(id, table.slots[..size].to_vec());
+            maglev.insert(id, MaglevEntry::new(table.slots[..size].to_vec()));
         }
         let mut backends = BTreeMap::new();
         for (id, v) in self.backends.iter().enumerate() {

@@ -51,7 +51,7 @@ impl MemoryMaps {
         }
         let table = self.maglev.get(&svc.service_id)?;
         let slot = lb_common::hash::maglev_slot(flow_hash, svc.maglev_size);
-        let id = *table.get(slot as usize)?;
+        let id = *table.slots.get(slot as usize)?;
         let b = self.backends.get(&id)?;
         (b.state == BACKEND_ACTIVE && b.service_id == svc.service_id).then_some(*b)
     }
@@ -75,7 +75,7 @@ impl MemoryMaps {
             }
         }
         for (sid, t) in &self.maglev {
-            for id in t {
+            for id in &t.slots {
                 match self.backends.get(id) {
                     Some(b) if b.service_id == *sid => {}
                     _ => return Err(format!("table {sid} names backend {id}, not written")),

@@ -18,12 +18,31 @@ pub mod memory;
 pub struct MapState {
     /// `LB_FRONTENDS_V4`.
     pub frontends: BTreeMap<FrontendKeyV4, ServiceValue>,
-    /// `LB_MAGLEV`: service id → the first `maglev_size` slots of its table.
-    pub maglev: BTreeMap<u32, Vec<u32>>,
+    /// `LB_MAGLEV`: service id → its table.
+    pub maglev: BTreeMap<u32, MaglevEntry>,
     /// `LB_BACKENDS_V4`, only the slots whose state is not `BACKEND_FREE`.
     pub backends: BTreeMap<u32, BackendV4>,
     /// `LB_SRC_RANGE_V4`: (service id, network address, prefix length).
     pub src_ranges: BTreeSet<SrcRange>,
+}
+
+/// A service's Maglev table as the planner sees it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MaglevEntry {
+    /// The first `maglev_size` slots (backend ids).
+    pub slots: Vec<u32>,
+    /// The distinct backend ids in `slots`, computed once when the table is
+    /// read or written (the planner compares it on every plan, for every
+    /// service: it must not cost a pass over the slots).
+    pub members: BTreeSet<u32>,
+}
+
+impl MaglevEntry {
+    /// An entry for `slots`.
+    pub fn new(slots: Vec<u32>) -> Self {
+        let members = slots.iter().copied().collect();
+        Self { slots, members }
+    }
 }
 
 /// One `loadBalancerSourceRanges` CIDR of a service.
@@ -97,7 +116,8 @@ impl MapState {
                 size,
             } => {
                 let n = (*size as usize).min(table.slots.len());
-                self.maglev.insert(*service_id, table.slots[..n].to_vec());
+                self.maglev
+                    .insert(*service_id, MaglevEntry::new(table.slots[..n].to_vec()));
             }
             Op::PutFrontend { key, value } => {
                 self.frontends.insert(*key, *value);
