@@ -1195,22 +1195,27 @@ fn closing_note(r: &Value, rows: &[(String, String, Option<bool>)]) -> String {
             "- **New flow above 400 ns** (about twice the target, flat across service \
              counts). A new flow adds to the established path a Maglev slot read and two \
              inserts into the LRU conntrack map `LB_CT_V4` (the forward and the reply \
-             entry); the hit path costs about 120 ns, so most of the rest is likely the \
-             two LRU inserts (not profiled yet). Also, with repeat = 1 each call runs \
-             cold (caches, branch predictors), which subtracting the call overhead does \
-             not remove. To try: write the reply entry lazily (TC, on the first reply) so \
-             that a new flow inserts once; a per-CPU LRU (`BPF_F_NO_COMMON_LRU`) to avoid \
-             the shared free-list lock; and a batch measurement (BPF_PROG_TEST_RUN \
+             entry); the hit path costs about 100 ns, so most of the rest is likely the \
+             two LRU inserts (not profiled yet; the map already keeps per-CPU LRU lists, \
+             `BPF_F_NO_COMMON_LRU`, which took about 10% off). Also, with repeat = 1 each \
+             call runs cold (caches, branch predictors), which subtracting the call \
+             overhead does not remove. To try: a batch measurement (BPF_PROG_TEST_RUN \
              live-frames mode, or a traffic generator) to tell cold-call cost from the \
-             inserts."
+             inserts; then one conntrack insert per flow (a reply key derivable from the \
+             forward entry, or the reply entry written by TC from the forward entry on \
+             the first reply, which needs the forward key to be recoverable from the \
+             reply)."
                 .to_string(),
         );
     }
     if missed("XDP established flow ≤") {
         notes.push(
-            "- **Established flow above 100 ns.** The hit path is a frontend lookup, a \
-             conntrack lookup, a backend lookup, three per-CPU counter updates and the \
-             rewrite; fewer counter updates per packet would be the first thing to try."
+            "- **Established flow above 100 ns** (runs on this shared VM vary by 10-20%; \
+             a quiet run measured 102-106 ns, and the coarse clock took about 15 ns off \
+             the 121 ns before it). The hit path is a frontend lookup, a conntrack lookup, a \
+             backend lookup, three per-CPU counter updates and the rewrite; fewer counter \
+             updates per packet (service totals summed from backend counters at scrape \
+             time) would be the next thing to try."
                 .to_string(),
         );
     }
