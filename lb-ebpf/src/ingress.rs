@@ -11,6 +11,7 @@ use aya_ebpf::{
 use lb_common::{
     BACKEND_F_LOCAL, CT_F_SNAT, Counters, IPPROTO_TCP, REASON_AFFINITY, REASON_REBALANCED,
     SVC_F_DROP_NO_BACKEND, SVC_F_SOURCE_RANGES, ServiceValue, SrcRangeV4, Stats,
+    hash::flow_hash_v4,
 };
 
 use crate::{
@@ -73,7 +74,9 @@ pub fn handle(ctx: &XdpContext) -> u32 {
             (ct.backend_id, be, snat, false)
         }
         _ => {
-            let Some(choice) = select::choose(&svc, &pkt, now) else {
+            // One hash per new flow: Maglev's slot and the SNAT port.
+            let hash = flow_hash_v4(pkt.src, pkt.dst, pkt.sport_be, pkt.dport_be, pkt.proto);
+            let Some(choice) = select::choose(&svc, &pkt, hash, now) else {
                 bump(LB_SVC_COUNTERS.get_ptr_mut(svc.service_id), |c| {
                     c.no_backend += 1
                 });
@@ -96,7 +99,7 @@ pub fn handle(ctx: &XdpContext) -> u32 {
                     st.fib_failed += 1;
                     return XDP_DROP;
                 };
-                let Some(ep) = snat::reserve(&cfg, &pkt, choice.id, &be, now) else {
+                let Some(ep) = snat::reserve(&cfg, &pkt, hash, choice.id, &be, now) else {
                     st.snat_exhausted += 1;
                     return XDP_DROP;
                 };

@@ -6,8 +6,7 @@
 use aya_ebpf::bindings::BPF_ANY;
 use lb_common::{
     AffinityKeyV4, AffinityValue, BACKEND_ACTIVE, BackendV4, MAGLEV_CAPACITY, REASON_AFFINITY,
-    REASON_MAGLEV, ServiceValue,
-    hash::{flow_hash_v4, maglev_slot},
+    REASON_MAGLEV, ServiceValue, hash::maglev_slot,
 };
 
 use crate::{
@@ -22,12 +21,12 @@ pub struct Choice {
     pub reason: u8,
 }
 
-/// Chooses the backend of a new flow, or `None` when the service has no
-/// usable backend.
+/// Chooses the backend of a new flow (`hash`: its `flow_hash_v4`), or
+/// `None` when the service has no usable backend.
 #[inline(always)]
-pub fn choose(svc: &ServiceValue, pkt: &PacketV4, now: u64) -> Option<Choice> {
+pub fn choose(svc: &ServiceValue, pkt: &PacketV4, hash: u32, now: u64) -> Option<Choice> {
     if svc.affinity_timeout_s == 0 {
-        return maglev(svc, pkt).map(|(id, backend)| Choice {
+        return maglev(svc, hash).map(|(id, backend)| Choice {
             id,
             backend,
             reason: REASON_MAGLEV,
@@ -53,7 +52,7 @@ pub fn choose(svc: &ServiceValue, pkt: &PacketV4, now: u64) -> Option<Choice> {
             });
         }
     }
-    let (id, backend) = maglev(svc, pkt)?;
+    let (id, backend) = maglev(svc, hash)?;
     let value = AffinityValue {
         backend_id: id,
         _pad: 0,
@@ -75,16 +74,15 @@ fn active(svc: &ServiceValue, id: u32) -> Option<BackendV4> {
     (be.state == BACKEND_ACTIVE && be.service_id == svc.service_id).then_some(be)
 }
 
-/// The backend Maglev assigns to `pkt`.
+/// The backend Maglev assigns to a flow of hash `hash`.
 #[inline(always)]
-fn maglev(svc: &ServiceValue, pkt: &PacketV4) -> Option<(u32, BackendV4)> {
+fn maglev(svc: &ServiceValue, hash: u32) -> Option<(u32, BackendV4)> {
     if svc.backend_count == 0 {
         return None;
     }
     // SAFETY: the table is only read; the agent replaces it whole.
     let table = unsafe { LB_MAGLEV.get(svc.service_id)? };
-    let h = flow_hash_v4(pkt.src, pkt.dst, pkt.sport_be, pkt.dport_be, pkt.proto);
-    let slot = maglev_slot(h, svc.maglev_size) as usize;
+    let slot = maglev_slot(hash, svc.maglev_size) as usize;
     if slot >= MAGLEV_CAPACITY {
         return None;
     }

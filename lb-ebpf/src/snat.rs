@@ -6,7 +6,7 @@
 use aya_ebpf::bindings::BPF_NOEXIST;
 use lb_common::{
     BackendV4, CT_DIR_SNAT, CT_TCP_FIN_FWD, CT_TCP_FIN_REPLY, CtKeyV4, DatapathConfig, NatValueV4,
-    SNAT_PORT_TRIES, hash::flow_hash_v4,
+    SNAT_PORT_TRIES,
 };
 
 use crate::{
@@ -25,17 +25,17 @@ pub fn config() -> Option<DatapathConfig> {
 
 /// Reserves a source port for the new flow `pkt` to the remote backend
 /// `be`: inserts its `LB_NAT_V4` mapping with `BPF_NOEXIST`, trying up to
-/// `SNAT_PORT_TRIES` ports from the flow hash on. `None`: range exhausted.
+/// `SNAT_PORT_TRIES` ports from the flow hash `hash` on. `None`: range exhausted.
 #[inline(always)]
 pub fn reserve(
     cfg: &DatapathConfig,
     pkt: &PacketV4,
+    hash: u32,
     backend_id: u32,
     be: &BackendV4,
     now: u64,
 ) -> Option<Endpoint> {
     let range = (cfg.snat_port_hi - cfg.snat_port_lo) as u32 + 1;
-    let h = flow_hash_v4(pkt.src, pkt.dst, pkt.sport_be, pkt.dport_be, pkt.proto);
     let value = NatValueV4 {
         client_addr: pkt.src,
         frontend_addr: pkt.dst,
@@ -49,7 +49,7 @@ pub fn reserve(
     };
     let mut i = 0;
     while i < SNAT_PORT_TRIES {
-        let port = cfg.snat_port_lo + (h.wrapping_add(i) % range) as u16;
+        let port = cfg.snat_port_lo + (hash.wrapping_add(i) % range) as u16;
         let key = CtKeyV4 {
             src_addr: be.addr,
             dst_addr: cfg.snat_addr,
