@@ -51,6 +51,10 @@ pub(crate) async fn serve(listener: TcpListener, context: Arc<Context>) {
                 continue;
             }
         };
+        // The API server (Go's net/http) disables Nagle's algorithm; with it
+        // on, a watch event written while the client delays its ACK of the
+        // previous chunk waits up to 40 ms.
+        let _ = stream.set_nodelay(true);
         let context = context.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request| {
