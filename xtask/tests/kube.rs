@@ -416,8 +416,35 @@ fn traffic_policy_local_health_check_and_affinity() {
     let pinned = pods_of(&t, 3);
     let again = c.http(30);
     assert_eq!(pods_of(&again, 3), pinned, "affinity did not hold: {again}");
-    // 60 flows on one pod: by chance 2 × 2⁻⁶⁰. (Expiry after the timeout
-    // is held to the millisecond by the golden test.)
+    // 60 flows on one pod: by chance 2 × 2⁻⁶⁰.
+
+    // Expiry: after the 3 s timeout the client's next flow is balanced by
+    // Maglev, not by affinity (the datapath's `affinity_hits` stays put),
+    // and the flow after it is held by affinity again.
+    let metrics = SocketAddr::from((lab::NODE_ADDR, 9995));
+    let affinity_hits = |c: &Cluster| -> u64 {
+        let text = c
+            .lab
+            .in_client(move || client::http_get_path(metrics, "/metrics"))
+            .unwrap()
+            .expect("/metrics");
+        text.lines()
+            .find(|l| l.starts_with("lb_datapath_total{counter=\"affinity_hits\"} "))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no affinity_hits in /metrics:\n{text}"))
+    };
+    thread::sleep(Duration::from_millis(3_300));
+    let before = affinity_hits(&c);
+    let expired = c.http(1);
+    assert_eq!(expired.answered(), 1, "{expired}");
+    assert_eq!(
+        affinity_hits(&c),
+        before,
+        "a flow after the timeout used affinity"
+    );
+    let held = c.http(1);
+    assert_eq!(held.answered(), 1, "{held}");
+    assert_eq!(affinity_hits(&c), before + 1, "affinity not re-established");
 }
 
 #[test]
