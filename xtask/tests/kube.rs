@@ -407,9 +407,7 @@ fn traffic_policy_local_health_check_and_affinity() {
     cluster["sessionAffinity"] = json!("ClientIP");
     cluster["sessionAffinityConfig"] = json!({"clientIP": {"timeoutSeconds": 3}});
     c.store.apply(&service(cluster)).unwrap();
-    c.store
-        .apply(&slice(&[ready(1), ready(2), remote]))
-        .unwrap();
+    c.store.apply(&slice(&[ready(1), ready(2)])).unwrap();
     let t = c.until("affinity", 30, |t| {
         t.answered() == 30 && pods_of(t, 3).len() == 1
     });
