@@ -6,7 +6,7 @@
 /// Layout version of the pinned maps. Pins live under
 /// `<bpffs-root>/v<MAP_VERSION>/` so that an agent with a new layout never
 /// reuses maps written with an old one.
-pub const MAP_VERSION: u32 = 1;
+pub const MAP_VERSION: u32 = 2;
 
 /// Maximum number of service ports (one Maglev table each). Ids run from 1;
 /// 0 means "none".
@@ -49,8 +49,37 @@ pub const SVC_F_SOURCE_RANGES: u16 = 1;
 /// load balancer's health check steers clients elsewhere).
 pub const SVC_F_DROP_NO_BACKEND: u16 = 2;
 
+/// [`crate::maps::ServiceValue::flags`]: the service has no ready endpoint;
+/// its usable backends are serving-and-terminating endpoints (the KEP-1669
+/// fallback). New flows record `REASON_TERMINATING_FALLBACK`.
+pub const SVC_F_TERMINATING_FALLBACK: u16 = 4;
+
 /// [`crate::maps::ServiceValue::policy`]: per-flow Maglev hashing (default).
 pub const POLICY_MAGLEV: u8 = 0;
+/// [`crate::maps::ServiceValue::policy`]: new flows take the service's usable
+/// backends (`LB_SVC_BACKENDS`) in turn, one shared counter per service
+/// (`LB_RR`) across all CPUs of the node.
+pub const POLICY_ROUND_ROBIN: u8 = 1;
+/// [`crate::maps::ServiceValue::policy`]: a new flow goes to the usable
+/// backend with the fewest open flows on this node (`LB_BE_OPEN`); ties go to
+/// the backend Maglev picks. Up to [`LC_SCAN_MAX`] backends are scanned; a
+/// larger service compares two candidates drawn from its Maglev table.
+pub const POLICY_LEAST_CONN: u8 = 2;
+
+/// Least-connection scans every usable backend of a service with at most
+/// this many; beyond, it compares two Maglev candidates (the flow's slot
+/// and a second slot from a re-hash) and takes the one with fewer flows.
+pub const LC_SCAN_MAX: u32 = 64;
+/// Backend ids per `LB_SVC_BACKENDS` list. Round-robin turns over at most
+/// this many backends; a service with more takes turns over its Maglev
+/// table's slots instead (still even, no longer strictly in turn).
+pub const BACKEND_LIST_CAPACITY: usize = 1024;
+/// Capacity of the open-flow registry `LB_OPEN_FLOWS_V4` (one entry per
+/// counted flow). Not an LRU: when full, new flows are forwarded and pinned
+/// but not counted (`Stats::flows_untracked`).
+pub const OPEN_FLOWS_DEFAULT_CAPACITY: u32 = 131_072;
+/// Bytes of a service name in `LB_SVC_NAMES` (`ns/name:port`, truncated).
+pub const SERVICE_NAME_LEN: usize = 248;
 
 /// [`crate::maps::BackendV4::state`]: the slot is free (no backend). A flow
 /// pinned to a free slot is re-balanced on its next packet.
@@ -101,6 +130,23 @@ pub const REASON_REBALANCED: u8 = 2;
 /// client's new flow to the backend of its previous one.
 pub const REASON_AFFINITY: u8 = 3;
 
+/// [`crate::maps::CtValueV4::reason`]: round-robin handed the flow its turn
+/// (`CtValueV4::choice` = the service's turn counter, modulo 2³²).
+pub const REASON_ROUND_ROBIN: u8 = 4;
+/// [`crate::maps::CtValueV4::reason`]: least-connection chose the backend
+/// (`CtValueV4::choice` = its open flows on this node at that moment).
+pub const REASON_LEAST_CONN: u8 = 5;
+/// [`crate::maps::CtValueV4::reason`]: the service had no ready endpoint and
+/// the flow went to a serving-and-terminating one (KEP-1669);
+/// `CtValueV4::choice` keeps the policy's detail.
+pub const REASON_TERMINATING_FALLBACK: u8 = 6;
+
+/// [`crate::maps::OpenFlowV4::open`]: the flow is counted in `LB_BE_OPEN`.
+pub const FLOW_OPEN: u64 = 1;
+/// [`crate::maps::OpenFlowV4::open`]: the flow was counted down; the entry is
+/// about to be deleted.
+pub const FLOW_CLOSED: u64 = 0;
+
 /// Default `sessionAffinityConfig.clientIP.timeoutSeconds` (kube-proxy's).
 pub const AFFINITY_DEFAULT_TIMEOUT_S: u32 = 10_800;
 /// Default capacity of the NAT table (flows forwarded to remote backends).
@@ -139,8 +185,18 @@ pub mod pin {
     pub const NAT_V4: &str = "LB_NAT_V4";
     /// Node-wide datapath settings.
     pub const CONFIG: &str = "LB_CONFIG";
+    /// Service id → its usable backends, in order (round-robin, least-connection).
+    pub const SERVICE_BACKENDS: &str = "LB_SVC_BACKENDS";
+    /// Service id → round-robin turn counter.
+    pub const ROUND_ROBIN: &str = "LB_RR";
+    /// Backend id → open flows on this node.
+    pub const BACKEND_OPEN_FLOWS: &str = "LB_BE_OPEN";
+    /// Open-flow registry: forward key → backend (never evicts).
+    pub const OPEN_FLOWS_V4: &str = "LB_OPEN_FLOWS_V4";
+    /// Service id → `ns/name:port`, for operators' tools.
+    pub const SERVICE_NAMES: &str = "LB_SVC_NAMES";
     /// Every map the agent pins.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 16] = [
         FRONTENDS_V4,
         MAGLEV,
         BACKENDS_V4,
@@ -152,5 +208,10 @@ pub mod pin {
         SRC_RANGES_V4,
         NAT_V4,
         CONFIG,
+        SERVICE_BACKENDS,
+        ROUND_ROBIN,
+        BACKEND_OPEN_FLOWS,
+        OPEN_FLOWS_V4,
+        SERVICE_NAMES,
     ];
 }

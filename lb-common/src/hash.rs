@@ -50,6 +50,14 @@ pub fn maglev_slot(hash: u32, size: u32) -> u32 {
     ((hash as u64 * size as u64) >> 32) as u32
 }
 
+/// A second, independent hash of a flow from its first: least-connection's
+/// second Maglev candidate for services with more than `LC_SCAN_MAX`
+/// backends.
+#[inline(always)]
+pub fn rehash(hash: u32) -> u32 {
+    fmix(hash ^ 0x9e37_79b9)
+}
+
 #[cfg(test)]
 mod tests {
     extern crate std;

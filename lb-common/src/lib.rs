@@ -17,6 +17,7 @@ pub mod consts;
 pub mod csum;
 pub mod hash;
 pub mod maps;
+pub mod policy;
 
 pub use consts::*;
 pub use maps::*;

@@ -11,7 +11,7 @@
 
 use core::mem::size_of;
 
-use crate::consts::MAGLEV_CAPACITY;
+use crate::consts::{BACKEND_LIST_CAPACITY, MAGLEV_CAPACITY, SERVICE_NAME_LEN};
 
 /// Key of `LB_FRONTENDS_V4`: a destination the datapath balances.
 ///
@@ -50,7 +50,8 @@ pub struct ServiceValue {
     pub flags: u16,
     /// How the frontend was declared: `FRONTEND_NODEPORT`, `_LOADBALANCER`, `_EXTERNAL_IP`.
     pub kind: u8,
-    /// Balancing policy: `POLICY_MAGLEV`.
+    /// Balancing policy: `POLICY_MAGLEV` (0, default), `POLICY_ROUND_ROBIN`
+    /// or `POLICY_LEAST_CONN`.
     pub policy: u8,
     /// Always 0.
     pub _pad: u32,
@@ -156,6 +157,107 @@ pub struct CtValueV4 {
     pub created_ns: u64,
     /// `bpf_ktime_get_ns()` of the last packet, refreshed at most once a second.
     pub last_seen_ns: u64,
+    /// The detail of `reason` (host order): `REASON_MAGLEV`: the Maglev
+    /// slot; `REASON_ROUND_ROBIN`: the service's turn counter (mod 2³²);
+    /// `REASON_LEAST_CONN`: the open flows the chosen backend had on this node
+    /// at that moment; `REASON_REBALANCED`, `REASON_TERMINATING_FALLBACK`:
+    /// the detail of the policy that chose again; `REASON_AFFINITY`: 0.
+    pub choice: u32,
+    /// Always 0.
+    pub _pad2: u32,
+}
+
+/// Value of `LB_OPEN_FLOWS_V4` (hash, not LRU, not preallocated; key: the
+/// flow's forward [`CtKeyV4`]): a flow counted in `LB_BE_OPEN`.
+///
+/// Counting protocol: a flow is counted up (`LB_BE_OPEN[backend_id] += 1`)
+/// by the insert that creates its entry with `open = FLOW_OPEN`, and counted
+/// down by whoever swaps `open` from `FLOW_OPEN` to `FLOW_CLOSED` (an atomic
+/// exchange, so exactly one of the datapath's RST / FIN-both-ways paths, a
+/// re-balance, or the agent's collector through `lb_flow_end` wins), who then
+/// deletes the entry. An entry is never evicted behind the program's back.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct OpenFlowV4 {
+    /// The backend the flow is counted on.
+    pub backend_id: u32,
+    /// The service that balanced it.
+    pub service_id: u32,
+    /// `bpf_ktime_get_ns()` when the flow was counted.
+    pub created_ns: u64,
+    /// `FLOW_OPEN` (1) while counted, `FLOW_CLOSED` (0) once counted down.
+    pub open: u64,
+}
+
+/// Value of `LB_SVC_BACKENDS` (hash, not preallocated; key: service id,
+/// `u32`): the service's usable backends, in ascending (address, port)
+/// order. Written only for services whose policy is not Maglev; replaced
+/// whole, like a Maglev table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendList {
+    /// Entries of `ids` in use (≤ `BACKEND_LIST_CAPACITY`; the service's
+    /// `backend_count` may be larger).
+    pub count: u32,
+    /// Always 0.
+    pub _pad: u32,
+    /// Backend ids; the first `count` are used.
+    pub ids: [u32; BACKEND_LIST_CAPACITY],
+}
+
+impl Default for BackendList {
+    fn default() -> Self {
+        Self {
+            count: 0,
+            _pad: 0,
+            ids: [0; BACKEND_LIST_CAPACITY],
+        }
+    }
+}
+
+/// Value of `LB_SVC_NAMES` (hash; key: service id, `u32`): the service
+/// port's name, `namespace/name` or `namespace/name:port`, for operators'
+/// tools (`lb-agent flows`, `lb-agent backends`, bpftool). Not read by the
+/// datapath.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceName {
+    /// Bytes of `name` in use.
+    pub len: u32,
+    /// Always 0.
+    pub _pad: u32,
+    /// UTF-8, truncated to `SERVICE_NAME_LEN` bytes.
+    pub name: [u8; SERVICE_NAME_LEN],
+}
+
+impl Default for ServiceName {
+    fn default() -> Self {
+        Self {
+            len: 0,
+            _pad: 0,
+            name: [0; SERVICE_NAME_LEN],
+        }
+    }
+}
+
+impl ServiceName {
+    /// `s`, truncated to [`SERVICE_NAME_LEN`] bytes at a character boundary.
+    pub fn new(s: &str) -> Self {
+        let mut end = s.len().min(SERVICE_NAME_LEN);
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut v = Self::default();
+        v.name[..end].copy_from_slice(&s.as_bytes()[..end]);
+        v.len = end as u32;
+        v
+    }
+
+    /// The name as text (invalid UTF-8 gives an empty string).
+    pub fn as_str(&self) -> &str {
+        let n = (self.len as usize).min(SERVICE_NAME_LEN);
+        core::str::from_utf8(&self.name[..n]).unwrap_or("")
+    }
 }
 
 /// Value of `LB_NAT_V4` (hash; key: a [`CtKeyV4`] with `dir =
@@ -312,11 +414,18 @@ pub struct Stats {
     pub fib_no_neigh: u64,
     /// Forwarded packets handed to the kernel: no route, TTL expiring or MTU.
     pub fib_failed: u64,
+    /// Flows counted up in `LB_BE_OPEN` (registry inserts).
+    pub flows_opened: u64,
+    /// Flows counted down by the datapath (RST, FIN both ways, re-balance).
+    pub flows_closed: u64,
+    /// New flows not counted: the open-flow registry was full (the flow is
+    /// still forwarded and pinned).
+    pub flows_untracked: u64,
 }
 
 impl Stats {
     /// Every counter with its field name, in declaration order.
-    pub fn named(&self) -> [(&'static str, u64); 25] {
+    pub fn named(&self) -> [(&'static str, u64); 28] {
         [
             ("xdp_packets", self.xdp_packets),
             ("pass_not_ipv4", self.pass_not_ipv4),
@@ -343,6 +452,9 @@ impl Stats {
             ("snat_exhausted", self.snat_exhausted),
             ("fib_no_neigh", self.fib_no_neigh),
             ("fib_failed", self.fib_failed),
+            ("flows_opened", self.flows_opened),
+            ("flows_closed", self.flows_closed),
+            ("flows_untracked", self.flows_untracked),
         ]
     }
 
@@ -373,6 +485,9 @@ impl Stats {
         self.snat_exhausted += other.snat_exhausted;
         self.fib_no_neigh += other.fib_no_neigh;
         self.fib_failed += other.fib_failed;
+        self.flows_opened += other.flows_opened;
+        self.flows_closed += other.flows_closed;
+        self.flows_untracked += other.flows_untracked;
     }
 }
 
@@ -393,14 +508,17 @@ const _: () = assert!(size_of::<MaglevTable>() == 4 * MAGLEV_CAPACITY + 4);
 const _: () = assert!(size_of::<MaglevTable>().is_multiple_of(8));
 const _: () = assert!(size_of::<BackendV4>() == 16);
 const _: () = assert!(size_of::<CtKeyV4>() == 16);
-const _: () = assert!(size_of::<CtValueV4>() == 40);
+const _: () = assert!(size_of::<CtValueV4>() == 48);
+const _: () = assert!(size_of::<OpenFlowV4>() == 24);
+const _: () = assert!(size_of::<BackendList>() == 8 + 4 * BACKEND_LIST_CAPACITY);
+const _: () = assert!(size_of::<ServiceName>() == 8 + SERVICE_NAME_LEN);
 const _: () = assert!(size_of::<NatValueV4>() == 40);
 const _: () = assert!(size_of::<DatapathConfig>() == 8);
 const _: () = assert!(size_of::<Counters>() == 40);
 const _: () = assert!(size_of::<AffinityKeyV4>() == 8);
 const _: () = assert!(size_of::<AffinityValue>() == 16);
 const _: () = assert!(size_of::<SrcRangeV4>() == 8);
-const _: () = assert!(size_of::<Stats>() == 25 * 8);
+const _: () = assert!(size_of::<Stats>() == 28 * 8);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -420,4 +538,7 @@ mod pod {
     unsafe impl aya::Pod for AffinityKeyV4 {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for SrcRangeV4 {}
+    unsafe impl aya::Pod for OpenFlowV4 {}
+    unsafe impl aya::Pod for BackendList {}
+    unsafe impl aya::Pod for ServiceName {}
 }

@@ -114,6 +114,7 @@ pub fn pin(
     id: u32,
     be: &BackendV4,
     reason: u8,
+    choice: u32,
     snat: Option<([u8; 4], u16)>,
     now: u64,
 ) -> bool {
@@ -134,6 +135,8 @@ pub fn pin(
         _pad: 0,
         created_ns: now,
         last_seen_ns: now,
+        choice,
+        _pad2: 0,
     };
     if snat.is_some() {
         return LB_CT_V4

@@ -9,14 +9,14 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    BACKEND_F_LOCAL, CT_F_SNAT, Counters, IPPROTO_TCP, REASON_AFFINITY, REASON_REBALANCED,
-    SVC_F_DROP_NO_BACKEND, SVC_F_SOURCE_RANGES, ServiceValue, SrcRangeV4, Stats,
-    hash::flow_hash_v4,
+    BACKEND_F_LOCAL, CT_F_SNAT, CT_TCP_FIN_FWD, CT_TCP_RST, CT_TCP_SYN, Counters, IPPROTO_TCP,
+    REASON_AFFINITY, REASON_REBALANCED, SVC_F_DROP_NO_BACKEND, SVC_F_SOURCE_RANGES, ServiceValue,
+    SrcRangeV4, Stats, hash::flow_hash_v4,
 };
 
 use crate::{
     conntrack::{self, Lookup},
-    forward,
+    flows, forward,
     maps::{LB_BE_COUNTERS, LB_FRONTENDS_V4, LB_SRC_RANGE_V4, LB_STATS, LB_SVC_COUNTERS},
     nat,
     parse::{self, Bounds, PacketV4, Skip},
@@ -71,6 +71,15 @@ pub fn handle(ctx: &XdpContext) -> u32 {
         Lookup::Hit(ct, be) if ct.flags & CT_F_SNAT != 0 || be.flags & BACKEND_F_LOCAL != 0 => {
             st.established += 1;
             let snat = (ct.flags & CT_F_SNAT != 0).then_some((ct.snat_addr, ct.snat_port_be));
+            // Open-flow counts: a RST ends the flow, a FIN ends it once the
+            // pod's FIN was seen too, a SYN (re)opens it (idempotent).
+            if pkt.tcp_flags & CT_TCP_RST != 0 {
+                flows::close_counted(&fkey, st);
+            } else if pkt.tcp_flags & CT_TCP_FIN_FWD != 0 {
+                flows::client_fin(&fkey, &ct, st);
+            } else if pkt.tcp_flags & CT_TCP_SYN != 0 {
+                flows::open(&fkey, ct.backend_id, svc.service_id, now, st);
+            }
             (ct.backend_id, be, snat, false)
         }
         _ => {
@@ -105,8 +114,27 @@ pub fn handle(ctx: &XdpContext) -> u32 {
                 };
                 Some(ep)
             };
-            if !conntrack::pin(&pkt, svc.service_id, choice.id, &be, reason, snat, now) {
+            if !conntrack::pin(
+                &pkt,
+                svc.service_id,
+                choice.id,
+                &be,
+                reason,
+                choice.detail,
+                snat,
+                now,
+            ) {
                 st.ct_insert_failed += 1;
+            }
+            // Counted from the moment it is pinned (a re-balanced flow
+            // moves from its old backend's count). A pin that starts with a
+            // RST ends at once. Any other packet counts, a FIN too: if the
+            // new pod does not hold the connection it answers with a RST
+            // (TC counts the flow down); if it does, its own FIN will.
+            if pkt.tcp_flags & CT_TCP_RST != 0 {
+                flows::close_counted(&fkey, st);
+            } else {
+                flows::open(&fkey, choice.id, svc.service_id, now, st);
             }
             st.new_flows += 1;
             (choice.id, be, snat, true)
@@ -143,7 +171,7 @@ fn not_a_frontend(ctx: &XdpContext, st: &mut Stats, pkt: &PacketV4) -> u32 {
         let port = u16::from_be(pkt.dport_be);
         if pkt.dst == cfg.snat_addr
             && (cfg.snat_port_lo..=cfg.snat_port_hi).contains(&port)
-            && let Some((src, dst)) = snat::reverse(pkt, conntrack::now())
+            && let Some((src, dst)) = snat::reverse(pkt, conntrack::now(), st)
         {
             nat::rewrite_xdp(pkt, Some(src), Some(dst));
             st.reverse_snat += 1;

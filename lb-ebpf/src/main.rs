@@ -8,6 +8,7 @@
 //! ingress.rs    XDP: frontend → conntrack → select → DNAT → XDP_PASS
 //! select.rs     Maglev choice for new flows
 //! conntrack.rs  flow pinning (forward + reply entries)
+//! flows.rs      exact open-flow counts per backend (registry + atomic counts)
 //! nat.rs        rewrites and checksums
 //! snat.rs       SNAT port reservation and reverse translation (remote backends)
 //! forward.rs    fib lookup, XDP_TX / XDP_REDIRECT
@@ -16,9 +17,15 @@
 //! ```
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
+
+#[cfg(target_arch = "bpf")]
+mod atomic;
 
 #[cfg(target_arch = "bpf")]
 mod conntrack;
+#[cfg(target_arch = "bpf")]
+mod flows;
 #[cfg(target_arch = "bpf")]
 mod forward;
 #[cfg(target_arch = "bpf")]
@@ -57,6 +64,17 @@ mod entry {
     #[xdp]
     pub fn lb_xdp_pass(_ctx: XdpContext) -> u32 {
         aya_ebpf::bindings::xdp_action::XDP_PASS
+    }
+
+    /// Ends one flow for the agent: the input "packet" is a flow's forward
+    /// `CtKeyV4` (16 bytes, run through BPF_PROG_TEST_RUN by the agent's
+    /// collector). Counts the flow down if it is still counted, under the
+    /// same exactly-once swap as the datapath's own closes, and deletes its
+    /// registry entry. Returns `XDP_PASS` if this call counted it down, else
+    /// `XDP_DROP`. Never attached to an interface.
+    #[xdp]
+    pub fn lb_flow_end(ctx: XdpContext) -> u32 {
+        crate::flows::end_from_ctx(&ctx)
     }
 
     /// TC egress: reverse NAT of replies.

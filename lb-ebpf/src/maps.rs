@@ -1,6 +1,6 @@
 //! Every map of the datapath, declared once. Types and byte order are
 //! documented in `lb_common::maps`; pin names equal these symbols (see
-//! `lb_common::pin`) and live under `<bpffs-root>/v1/`.
+//! `lb_common::pin`) and live under `<bpffs-root>/v2/`.
 //!
 //! All maps are BTF maps, so `bpftool map dump` prints named fields.
 
@@ -10,10 +10,10 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    AFFINITY_CAPACITY, AffinityKeyV4, AffinityValue, BackendV4, CT_DEFAULT_CAPACITY, Counters,
-    CtKeyV4, CtValueV4, DatapathConfig, FrontendKeyV4, MAX_BACKENDS, MAX_FRONTENDS, MAX_SERVICES,
-    MAX_SOURCE_RANGES, MaglevTable, NAT_DEFAULT_CAPACITY, NatValueV4, ServiceValue, SrcRangeV4,
-    Stats,
+    AFFINITY_CAPACITY, AffinityKeyV4, AffinityValue, BackendList, BackendV4, CT_DEFAULT_CAPACITY,
+    Counters, CtKeyV4, CtValueV4, DatapathConfig, FrontendKeyV4, MAX_BACKENDS, MAX_FRONTENDS,
+    MAX_SERVICES, MAX_SOURCE_RANGES, MaglevTable, NAT_DEFAULT_CAPACITY, NatValueV4,
+    OPEN_FLOWS_DEFAULT_CAPACITY, OpenFlowV4, ServiceName, ServiceValue, SrcRangeV4, Stats,
 };
 
 /// Frontend (addr, port, proto) → service. Written by the agent; read by XDP. Capacity `MAX_FRONTENDS`.
@@ -91,3 +91,46 @@ pub static LB_NAT_V4: HashMap<CtKeyV4, NatValueV4, { NAT_DEFAULT_CAPACITY as usi
 /// start; read by XDP.
 #[btf_map]
 pub static LB_CONFIG: Array<DatapathConfig, 1> = Array::new();
+
+/// Service id → its usable backends in (address, port) order, for
+/// round-robin and least-connection. Written by the agent (whole value, one
+/// update) only for services whose policy is not Maglev; read by XDP. Not
+/// preallocated. Capacity `MAX_SERVICES`.
+#[btf_map]
+pub static LB_SVC_BACKENDS: HashMap<
+    u32,
+    BackendList,
+    { MAX_SERVICES as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
+/// Service id → round-robin turn counter (`u64`), one per service shared by
+/// all CPUs, advanced with an atomic fetch-and-add by XDP.
+#[btf_map]
+pub static LB_RR: Array<u64, { MAX_SERVICES as usize }> = Array::new();
+
+/// Backend id → open flows on this node (`u64`), changed only with atomic
+/// adds by the counting protocol (`flows.rs`): XDP, TC, and `lb_flow_end`
+/// run by the agent. Read by XDP (least-connection) and the agent.
+#[btf_map]
+pub static LB_BE_OPEN: Array<u64, { MAX_BACKENDS as usize }> = Array::new();
+
+/// Open-flow registry: a flow's forward key → the backend it is counted on.
+/// Inserted by XDP when a flow is pinned; counted down and deleted by XDP/TC
+/// (RST, FIN both ways, re-balance) or by the agent's collector through
+/// `lb_flow_end` (idle timeout, conntrack entry lost). Not LRU: never
+/// evicted behind the program's back; not preallocated, so an entry's memory
+/// stays valid (RCU) while a racing CPU swaps its `open` flag. Capacity
+/// `OPEN_FLOWS_DEFAULT_CAPACITY` (the agent sizes it to half the conntrack).
+#[btf_map]
+pub static LB_OPEN_FLOWS_V4: HashMap<
+    CtKeyV4,
+    OpenFlowV4,
+    { OPEN_FLOWS_DEFAULT_CAPACITY as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
+/// Service id → `ns/name:port`. Written by the agent for operators' tools
+/// (`lb-agent flows`, `lb-agent backends`, bpftool); not read by the datapath.
+#[btf_map]
+pub static LB_SVC_NAMES: HashMap<u32, ServiceName, { MAX_SERVICES as usize }> = HashMap::new();

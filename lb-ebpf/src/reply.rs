@@ -6,10 +6,10 @@ use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_UNSPEC},
     programs::TcContext,
 };
-use lb_common::{CT_TCP_FIN_FWD, CT_TCP_FIN_REPLY};
+use lb_common::{CT_TCP_FIN_FWD, CT_TCP_FIN_REPLY, CT_TCP_RST};
 
 use crate::{
-    conntrack,
+    conntrack, flows,
     maps::{LB_CT_V4, LB_STATS},
     nat,
     parse::{self, Bounds, L4_OFF, Skip},
@@ -49,6 +49,16 @@ pub fn handle(ctx: &TcContext) -> i32 {
     };
     conntrack::touch(ct, flags, conntrack::now());
     let (addr, port) = (ct.nat_addr, ct.nat_port_be);
+    if flags & (CT_TCP_RST | CT_TCP_FIN_REPLY) != 0 {
+        // The pod ends the flow: a RST at once, a FIN once the client's FIN
+        // was seen too (the open-flow count goes down exactly once).
+        let fkey = flows::forward_key_of_reply(pkt.dst, pkt.dport_be, addr, port, pkt.proto);
+        if flags & CT_TCP_RST != 0 {
+            flows::close_counted(&fkey, st);
+        } else {
+            flows::pod_fin(&fkey, st);
+        }
+    }
     if nat::snat_tc(ctx, &pkt, addr, port).is_err() {
         st.tc_rewrite_failed += 1;
         return TC_ACT_UNSPEC;

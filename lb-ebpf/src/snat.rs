@@ -5,12 +5,12 @@
 
 use aya_ebpf::bindings::BPF_NOEXIST;
 use lb_common::{
-    BackendV4, CT_DIR_SNAT, CT_TCP_FIN_FWD, CT_TCP_FIN_REPLY, CtKeyV4, DatapathConfig, NatValueV4,
-    SNAT_PORT_TRIES,
+    BackendV4, CT_DIR_SNAT, CT_TCP_FIN_FWD, CT_TCP_FIN_REPLY, CT_TCP_RST, CtKeyV4, DatapathConfig,
+    NatValueV4, SNAT_PORT_TRIES, Stats,
 };
 
 use crate::{
-    conntrack,
+    conntrack, flows,
     maps::{LB_CONFIG, LB_NAT_V4},
     nat::Endpoint,
     parse::PacketV4,
@@ -70,7 +70,7 @@ pub fn reserve(
 /// For a reply of a forwarded flow (backend → this node's SNAT endpoint):
 /// the new (source, destination) = (frontend, client). Records its flags.
 #[inline(always)]
-pub fn reverse(pkt: &PacketV4, now: u64) -> Option<(Endpoint, Endpoint)> {
+pub fn reverse(pkt: &PacketV4, now: u64, st: &mut Stats) -> Option<(Endpoint, Endpoint)> {
     let key = CtKeyV4 {
         dir: CT_DIR_SNAT,
         ..conntrack::forward_key(pkt)
@@ -85,6 +85,20 @@ pub fn reverse(pkt: &PacketV4, now: u64) -> Option<(Endpoint, Endpoint)> {
         pkt.tcp_flags
     };
     conntrack::touch_fields(&mut nat.tcp_flags, &mut nat.last_seen_ns, flags, now);
+    if flags & (CT_TCP_RST | CT_TCP_FIN_REPLY) != 0 {
+        let fkey = flows::forward_key_of_reply(
+            nat.client_addr,
+            nat.client_port_be,
+            nat.frontend_addr,
+            nat.frontend_port_be,
+            pkt.proto,
+        );
+        if flags & CT_TCP_RST != 0 {
+            flows::close_counted(&fkey, st);
+        } else {
+            flows::pod_fin(&fkey, st);
+        }
+    }
     Some((
         (nat.frontend_addr, nat.frontend_port_be),
         (nat.client_addr, nat.client_port_be),

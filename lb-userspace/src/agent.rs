@@ -132,7 +132,11 @@ impl Pipeline {
 /// thread (it only reads and deletes map entries).
 fn spawn_gc(pin_dir: &std::path::Path, args: &RunArgs, shared: Arc<Shared>) -> Result<()> {
     use std::time::Duration;
-    let mut tables = crate::gc::Tables::open(pin_dir)?;
+    let closer = crate::loader::FlowCloser::open(&LoadOptions {
+        bpffs_root: args.bpffs_root.clone(),
+        ct_capacity: args.conntrack_capacity,
+    })?;
+    let mut tables = crate::gc::Tables::open(pin_dir, Some(closer))?;
     let timeouts = crate::gc::Timeouts {
         udp_idle: Duration::from_secs(args.nat_udp_timeout),
         tcp_idle: Duration::from_secs(args.nat_tcp_idle_timeout),

@@ -28,6 +28,44 @@ pub enum Command {
     /// (rejects, forwarded flows) only when the receiving end has an XDP
     /// program. Remove the pin to detach.
     XdpPass(XdpPassArgs),
+    /// List the flows open on this node, read from the pinned maps (works
+    /// while the agent is down): client, frontend, backend, service,
+    /// protocol, TCP state, age, idle time, and why that backend.
+    Flows(FlowsArgs),
+    /// List the backends of this node's services with their state (ready,
+    /// serving, terminating, removed), open flows, packets and bytes.
+    Backends(BackendsArgs),
+}
+
+/// Arguments of `lb-agent flows`.
+#[derive(Debug, Args)]
+pub struct FlowsArgs {
+    /// bpffs directory where the agent pins its maps.
+    #[arg(long, default_value = "/sys/fs/bpf/lb", value_name = "PATH")]
+    pub bpffs_root: PathBuf,
+    /// Only flows of this service: NS/NAME (every port) or NS/NAME:PORT.
+    #[arg(long, value_name = "NS/NAME")]
+    pub service: Option<String>,
+    /// Only flows to this backend: IP or IP:PORT.
+    #[arg(long, value_name = "IP")]
+    pub backend: Option<String>,
+    /// JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `lb-agent backends`.
+#[derive(Debug, Args)]
+pub struct BackendsArgs {
+    /// bpffs directory where the agent pins its maps.
+    #[arg(long, default_value = "/sys/fs/bpf/lb", value_name = "PATH")]
+    pub bpffs_root: PathBuf,
+    /// Only backends of this service: NS/NAME (every port) or NS/NAME:PORT.
+    #[arg(long, value_name = "NS/NAME")]
+    pub service: Option<String>,
+    /// JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Arguments of `lb-agent xdp-pass`.
@@ -70,7 +108,7 @@ pub struct RunArgs {
     #[arg(long, env = "NODE_NAME", value_name = "NAME")]
     pub node_name: String,
 
-    /// bpffs directory where maps are pinned (under `v1/`). Pinned maps are
+    /// bpffs directory where maps are pinned (under `v2/`). Pinned maps are
     /// reused on restart, so established flows survive it.
     #[arg(long, default_value = "/sys/fs/bpf/lb", value_name = "PATH")]
     pub bpffs_root: PathBuf,

@@ -6,17 +6,28 @@
 //! is over after an idle timeout (TCP and UDP separately). The conntrack map
 //! is an LRU and would also evict on its own when full; the NAT map is not,
 //! so without this collection its ports would never come back.
+//!
+//! Open-flow counts: the datapath counts a TCP flow down itself on RST or
+//! FIN both ways; a flow the collector ends (idle timeout) is counted down
+//! through `lb_flow_end` ([`FlowCloser`]) before its entries go. The
+//! collector also reconciles the registry with conntrack: a counted flow
+//! whose forward conntrack entry is gone (the LRU evicted it) or names
+//! another backend is counted down once it has been counted longer than the
+//! closed-flow grace, or whose backend left the service (such flows are
+//! re-balanced, and counted again, on their next packet). Both go through the same exactly-once swap as the
+//! datapath, so no flow is counted down twice.
 
 use std::{collections::BTreeSet, path::Path, time::Duration};
 
-use aya::maps::{HashMap, Map, MapData};
+use aya::maps::{Array, HashMap, Map, MapData};
 use lb_common::{
-    CT_DIR_FORWARD, CT_DIR_REPLY, CT_DIR_SNAT, CT_F_SNAT, CT_TCP_FIN_FWD, CT_TCP_FIN_REPLY,
-    CT_TCP_RST, CtKeyV4, CtValueV4, IPPROTO_TCP, NatValueV4, pin,
+    BACKEND_FREE, BackendV4, CT_DIR_FORWARD, CT_DIR_REPLY, CT_DIR_SNAT, CT_F_SNAT, CT_TCP_FIN_FWD,
+    CT_TCP_FIN_REPLY, CT_TCP_RST, CtKeyV4, CtValueV4, IPPROTO_TCP, NatValueV4, OpenFlowV4, pin,
 };
 use tracing::debug;
 
 use crate::error::{Error, Result};
+use crate::loader::FlowCloser;
 
 /// When flows end.
 #[derive(Clone, Copy, Debug)]
@@ -55,12 +66,19 @@ pub struct Collected {
     pub nat_entries: usize,
     /// Flows removed.
     pub flows_removed: usize,
+    /// Counted flows this collection counted down (idle, or reconciled).
+    pub flows_closed: usize,
+    /// Entries of the open-flow registry before the collection.
+    pub open_flows: usize,
 }
 
 /// The conntrack and NAT maps, opened from their pins.
 pub struct Tables {
     ct: HashMap<MapData, CtKeyV4, CtValueV4>,
     nat: HashMap<MapData, CtKeyV4, NatValueV4>,
+    open: HashMap<MapData, CtKeyV4, OpenFlowV4>,
+    backends: Array<MapData, BackendV4>,
+    closer: Option<FlowCloser>,
 }
 
 fn open(dir: &Path, name: &str) -> Result<MapData> {
@@ -76,13 +94,24 @@ pub fn monotonic_ns() -> u64 {
 }
 
 impl Tables {
-    /// Opens the maps pinned in `pin_dir`.
-    pub fn open(pin_dir: &Path) -> Result<Self> {
+    /// Opens the maps pinned in `pin_dir`; `closer` ends open-flow counts
+    /// (without it, counts are left to the datapath).
+    pub fn open(pin_dir: &Path, closer: Option<FlowCloser>) -> Result<Self> {
         let ct = HashMap::try_from(Map::LruHashMap(open(pin_dir, pin::CONNTRACK_V4)?))
             .map_err(|e| Error::Datapath(format!("{}: {e}", pin::CONNTRACK_V4)))?;
         let nat = HashMap::try_from(Map::HashMap(open(pin_dir, pin::NAT_V4)?))
             .map_err(|e| Error::Datapath(format!("{}: {e}", pin::NAT_V4)))?;
-        Ok(Self { ct, nat })
+        let registry = HashMap::try_from(Map::HashMap(open(pin_dir, pin::OPEN_FLOWS_V4)?))
+            .map_err(|e| Error::Datapath(format!("{}: {e}", pin::OPEN_FLOWS_V4)))?;
+        let backends = Array::try_from(Map::Array(open(pin_dir, pin::BACKENDS_V4)?))
+            .map_err(|e| Error::Datapath(format!("{}: {e}", pin::BACKENDS_V4)))?;
+        Ok(Self {
+            ct,
+            nat,
+            open: registry,
+            backends,
+            closer,
+        })
     }
 
     /// Removes every flow that is over at `now_ns`: its forward entry and
@@ -90,12 +119,19 @@ impl Tables {
     /// forwarded one). Mappings and reply entries left without a forward
     /// entry (the LRU evicted it) go once idle for the closed-flow grace.
     pub fn collect(&mut self, now_ns: u64, t: &Timeouts) -> Collected {
-        let ct: Vec<(CtKeyV4, CtValueV4)> = self.ct.iter().filter_map(|r| r.ok()).collect();
         let nat: Vec<(CtKeyV4, NatValueV4)> = self.nat.iter().filter_map(|r| r.ok()).collect();
+        // Read the registry before conntrack: the datapath pins a flow in
+        // conntrack before it counts it, so every counted flow seen here has
+        // its conntrack entry in the snapshot below (unless it is gone).
+        let registry: Vec<(CtKeyV4, OpenFlowV4)> =
+            self.open.iter().filter_map(|r| r.ok()).collect();
+        let ct: Vec<(CtKeyV4, CtValueV4)> = self.ct.iter().filter_map(|r| r.ok()).collect();
         let mut out = Collected {
             ct_entries: ct.len(),
             nat_entries: nat.len(),
             flows_removed: 0,
+            flows_closed: 0,
+            open_flows: registry.len(),
         };
         let ct_keys: BTreeSet<CtKeyV4> = ct.iter().map(|(k, _)| *k).collect();
         let mut partners_seen = BTreeSet::new();
@@ -120,6 +156,12 @@ impl Tables {
                 }
             };
             if expired(k.proto, flags, last, now_ns, t) {
+                // Counted down first (a no-op if the datapath already did).
+                if let Some(c) = &mut self.closer
+                    && c.close(k).unwrap_or(false)
+                {
+                    out.flows_closed += 1;
+                }
                 // Forward entry first: a late packet then makes a new flow
                 // instead of using a mapping that is about to go.
                 let _ = self.ct.remove(k);
@@ -150,6 +192,23 @@ impl Tables {
         for (k, v) in ct.iter().filter(|(k, _)| k.dir == CT_DIR_REPLY) {
             if !partners_seen.contains(k) && orphan(v.last_seen_ns) {
                 let _ = self.ct.remove(k);
+            }
+        }
+        // Reconcile the registry with conntrack: a flow counted longer than
+        // the grace whose forward entry is gone, or pins another backend.
+        if let Some(c) = &mut self.closer {
+            for (k, f) in &registry {
+                let age = Duration::from_nanos(now_ns.saturating_sub(f.created_ns));
+                if age <= t.tcp_closed_grace {
+                    continue;
+                }
+                let pinned = self.ct.get(k, 0).ok().map(|v| v.backend_id);
+                let gone = self.backends.get(&f.backend_id, 0).map_or(true, |b| {
+                    b.state == BACKEND_FREE || b.service_id != f.service_id
+                });
+                if (pinned != Some(f.backend_id) || gone) && c.close(k).unwrap_or(false) {
+                    out.flows_closed += 1;
+                }
             }
         }
         debug!(?out, "garbage collection");

@@ -19,9 +19,11 @@
 
 pub mod agent;
 pub mod cli;
+pub mod counting;
 pub mod error;
 pub mod gc;
 pub mod health;
+pub mod inspect;
 pub mod loader;
 pub mod maglev;
 pub mod metrics;

@@ -28,6 +28,9 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 pub const XDP_PROGRAM: &str = "lb_xdp";
 /// Name of the TC egress program in the object.
 pub const TC_PROGRAM: &str = "lb_tc_egress";
+/// Name of the program that ends one flow's open-flow count (run by the
+/// collector through BPF_PROG_TEST_RUN, never attached).
+pub const FLOW_END_PROGRAM: &str = "lb_flow_end";
 
 /// `statfs` magic of bpffs.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -38,8 +41,24 @@ pub struct LoadOptions {
     /// Root under which maps are pinned (`<root>/v<MAP_VERSION>/<MAP>`).
     pub bpffs_root: PathBuf,
     /// Conntrack entries (two per flow). Only applies when the map is created;
-    /// a pinned map keeps its size.
+    /// a pinned map keeps its size. The open-flow registry gets half of it.
     pub ct_capacity: u32,
+}
+
+/// The loader for the object with every map pinned under `opts`' root
+/// (created, or reused when a pin exists).
+fn pinned_loader(opts: &LoadOptions, dir: &Path) -> EbpfLoader<'static> {
+    let mut loader = EbpfLoader::new();
+    for name in pin::ALL {
+        let path = dir.join(name);
+        if path.exists() {
+            info!(map = name, path = %path.display(), "reusing pinned map");
+        }
+        loader.map_pin_path(name, path);
+    }
+    loader.map_max_entries(pin::CONNTRACK_V4, opts.ct_capacity);
+    loader.map_max_entries(pin::OPEN_FLOWS_V4, (opts.ct_capacity / 2).max(1));
+    loader
 }
 
 /// The loaded datapath: programs, maps and the interfaces it is attached to.
@@ -87,16 +106,7 @@ impl Datapath {
             source,
         })?;
         check_bpffs(&dir)?;
-        let paths: Vec<(&str, PathBuf)> = pin::ALL.iter().map(|n| (*n, dir.join(n))).collect();
-        let mut loader = EbpfLoader::new();
-        for (name, path) in &paths {
-            if path.exists() {
-                info!(map = name, path = %path.display(), "reusing pinned map");
-            }
-            loader.map_pin_path(name, path.as_path());
-        }
-        loader.map_max_entries(pin::CONNTRACK_V4, opts.ct_capacity);
-        let mut ebpf = loader
+        let mut ebpf = pinned_loader(opts, &dir)
             .load(EBPF_OBJECT)
             .map_err(|e| Error::Datapath(format!("loading the eBPF object: {e}")))?;
 
@@ -106,6 +116,9 @@ impl Datapath {
         let tc: &mut SchedClassifier = program(&mut ebpf, TC_PROGRAM)?;
         tc.load()
             .map_err(|e| Error::Datapath(format!("verifier rejected {TC_PROGRAM}: {e}")))?;
+        let end: &mut Xdp = program(&mut ebpf, FLOW_END_PROGRAM)?;
+        end.load()
+            .map_err(|e| Error::Datapath(format!("verifier rejected {FLOW_END_PROGRAM}: {e}")))?;
         let link_dir = opts.bpffs_root.join("links");
         fs::create_dir_all(&link_dir).map_err(|source| Error::Io {
             path: link_dir.clone(),
@@ -230,6 +243,60 @@ impl Datapath {
             info!(iface = a.iface, "left attached (pinned links)");
         }
     }
+}
+
+/// Ends flows' open-flow counts on behalf of the agent: runs
+/// `lb_flow_end` (same object, same pinned maps) through BPF_PROG_TEST_RUN
+/// with a flow's forward key as the packet. The count goes down only if the
+/// flow is still counted and this run wins the exactly-once swap, so the
+/// collector can never count a flow down twice or race the datapath; and a
+/// BPF program cannot be interrupted halfway, so an agent killed at any
+/// moment leaves every count consistent.
+pub struct FlowCloser {
+    ebpf: Ebpf,
+}
+
+impl FlowCloser {
+    /// Loads `lb_flow_end` against the maps pinned under `opts.bpffs_root`.
+    pub fn open(opts: &LoadOptions) -> Result<Self> {
+        let dir = pin_dir(&opts.bpffs_root);
+        let mut ebpf = pinned_loader(opts, &dir)
+            .load(EBPF_OBJECT)
+            .map_err(|e| Error::Datapath(format!("loading the eBPF object: {e}")))?;
+        let end: &mut Xdp = program(&mut ebpf, FLOW_END_PROGRAM)?;
+        end.load()
+            .map_err(|e| Error::Datapath(format!("verifier rejected {FLOW_END_PROGRAM}: {e}")))?;
+        Ok(Self { ebpf })
+    }
+
+    /// Ends flow `key` (its forward conntrack key). True if this call
+    /// counted it down.
+    pub fn close(&mut self, key: &lb_common::CtKeyV4) -> Result<bool> {
+        close_with(&mut self.ebpf, key)
+    }
+}
+
+/// Runs `lb_flow_end` of `ebpf` on `key`.
+pub fn close_with(ebpf: &mut Ebpf, key: &lb_common::CtKeyV4) -> Result<bool> {
+    use aya::{TestRun as _, programs::TestRunOptions};
+    let prog: &mut Xdp = program(ebpf, FLOW_END_PROGRAM)?;
+    // SAFETY: `CtKeyV4` is plain old data (repr(C), no padding).
+    let bytes: &[u8] = unsafe {
+        std::slice::from_raw_parts(
+            (key as *const lb_common::CtKeyV4).cast::<u8>(),
+            std::mem::size_of::<lb_common::CtKeyV4>(),
+        )
+    };
+    let mut out = [0u8; 64];
+    let r = prog
+        .test_run(TestRunOptions {
+            data_in: Some(bytes),
+            data_out: Some(&mut out),
+            repeat: 1,
+            ..Default::default()
+        })
+        .map_err(|e| Error::Datapath(format!("{FLOW_END_PROGRAM}: {e}")))?;
+    Ok(r.return_value == 2) // XDP_PASS
 }
 
 /// Pins `link` at `path` (replacing a stale pin of the same link).

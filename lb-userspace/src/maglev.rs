@@ -60,18 +60,24 @@ pub fn populate(names: &[impl AsRef<[u8]>], size: u32) -> Vec<u32> {
 
     const EMPTY: u32 = u32::MAX;
     let mut table = vec![EMPTY; size as usize];
-    // next[k]: how far backend k has walked its preference list.
-    let mut next = vec![0u64; perms.len()];
+    // cursor[k]: the slot backend k looks at next, i.e. `(offset + j·skip)
+    // mod M` for its current position j in its preference list, kept by
+    // adding `skip` and subtracting M once (both are < M): no division in
+    // the loop, which walks about M·ln(M) slots in all.
+    let mut cursor: Vec<u64> = perms.iter().map(|&(offset, _)| offset).collect();
+    let advance = |slot: u64, skip: u64| {
+        let next = slot + skip;
+        if next >= m { next - m } else { next }
+    };
     let mut filled = 0usize;
     'fill: loop {
-        for (k, &(offset, skip)) in perms.iter().enumerate() {
-            let mut slot = (offset + next[k] * skip) % m;
+        for (k, &(_, skip)) in perms.iter().enumerate() {
+            let mut slot = cursor[k];
             while table[slot as usize] != EMPTY {
-                next[k] += 1;
-                slot = (offset + next[k] * skip) % m;
+                slot = advance(slot, skip);
             }
             table[slot as usize] = order[k] as u32;
-            next[k] += 1;
+            cursor[k] = advance(slot, skip);
             filled += 1;
             if filled == table.len() {
                 break 'fill;

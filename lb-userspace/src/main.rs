@@ -29,5 +29,21 @@ fn main() -> anyhow::Result<()> {
             lb_userspace::loader::pin_xdp_pass(&args.interface, &args.pin)?;
             Ok(())
         }
+        Command::Flows(a) => {
+            let out = lb_userspace::inspect::print_flows(
+                &a.bpffs_root,
+                a.service.as_deref(),
+                a.backend.as_deref(),
+                a.json,
+            )?;
+            print!("{out}");
+            Ok(())
+        }
+        Command::Backends(a) => {
+            let out =
+                lb_userspace::inspect::print_backends(&a.bpffs_root, a.service.as_deref(), a.json)?;
+            print!("{out}");
+            Ok(())
+        }
     }
 }

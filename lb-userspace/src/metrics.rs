@@ -9,7 +9,7 @@ use std::{
     sync::{Arc, RwLock},
 };
 
-use aya::maps::{Map, MapData, PerCpuArray};
+use aya::maps::{Array, Map, MapData, PerCpuArray};
 use lb_common::{Counters, Stats, pin};
 use prometheus_client::{
     collector::Collector,
@@ -18,6 +18,7 @@ use prometheus_client::{
         MetricType,
         counter::{ConstCounter, Counter},
         family::Family,
+        gauge::ConstGauge,
         gauge::Gauge,
         histogram::Histogram,
     },
@@ -257,6 +258,26 @@ impl Collector for DatapathCollector {
                 for (labels, c) in &values {
                     ConstCounter::new(get(c)).encode(m.encode_family(labels)?)?;
                 }
+            }
+        }
+        // Open flows per backend, exact (the datapath's counts).
+        if let Some(open) = MapData::from_pin(self.pin_dir.join(pin::BACKEND_OPEN_FLOWS))
+            .ok()
+            .and_then(|d| Array::<_, u64>::try_from(Map::Array(d)).ok())
+        {
+            let mut m = encoder.encode_descriptor(
+                "backend_open_flows",
+                "Flows open on this node, per backend (from pinning to RST, FIN both ways or timeout)",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (&id, (service, backend)) in &names.backends {
+                let labels = BackendLabels {
+                    service: service.clone(),
+                    backend: backend.clone(),
+                };
+                let n = open.get(&id, 0).unwrap_or(0);
+                ConstGauge::new(n as i64).encode(m.encode_family(&labels)?)?;
             }
         }
         if let Some(svc) = per_cpu::<Counters>(&self.pin_dir, pin::SERVICE_COUNTERS) {

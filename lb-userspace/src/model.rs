@@ -54,6 +54,10 @@ pub struct ServicePort {
     pub source_ranges: Vec<Ipv4Cidr>,
     /// How a backend is picked for a new flow.
     pub policy: BalancingPolicy,
+    /// No endpoint is ready: the Active backends are serving-and-terminating
+    /// endpoints taken as a fallback (KEP-1669). The datapath records it as
+    /// the reason of the flows it balances.
+    pub terminating_fallback: bool,
     /// `spec.healthCheckNodePort` (LoadBalancer with `externalTrafficPolicy:
     /// Local`): the agent answers load-balancer health checks there.
     pub health_check_node_port: Option<u16>,
@@ -181,6 +185,37 @@ pub enum BalancingPolicy {
     /// Maglev consistent hashing of the flow's 5-tuple (default).
     #[default]
     Maglev,
+    /// The usable backends in turn, one shared counter per service on the node.
+    RoundRobin,
+    /// The usable backend with the fewest open flows on this node.
+    LeastConnection,
+}
+
+impl BalancingPolicy {
+    /// The annotation value naming this policy.
+    pub fn name(self) -> &'static str {
+        match self {
+            BalancingPolicy::Maglev => "maglev",
+            BalancingPolicy::RoundRobin => "round-robin",
+            BalancingPolicy::LeastConnection => "least-connection",
+        }
+    }
+
+    /// The policy an annotation value names.
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Maglev, Self::RoundRobin, Self::LeastConnection]
+            .into_iter()
+            .find(|p| p.name() == s.trim())
+    }
+
+    /// `ServiceValue::policy` code.
+    pub fn code(self) -> u8 {
+        match self {
+            BalancingPolicy::Maglev => lb_common::POLICY_MAGLEV,
+            BalancingPolicy::RoundRobin => lb_common::POLICY_ROUND_ROBIN,
+            BalancingPolicy::LeastConnection => lb_common::POLICY_LEAST_CONN,
+        }
+    }
 }
 
 /// An IPv4 prefix, e.g. `203.0.113.0/24`.

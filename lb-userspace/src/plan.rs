@@ -16,9 +16,13 @@
 //! * Maglev tables are built from the active backends, local and remote
 //!   (every node computes the same table), and rewritten
 //!   only when that set of ids or the table size changed.
+//! * Services whose policy is round-robin or least-connection also get a
+//!   backend list (their active backends in (address, port) order, at most
+//!   `BACKEND_LIST_CAPACITY`); every service id gets its name.
 //! * Operations come only for differences, in the order the datapath can
-//!   follow safely: `PutBackend`, `PutMaglev`, `PutFrontend`,
-//!   `DeleteFrontend`, `DeleteMaglev`, `FreeBackend`.
+//!   follow safely: `PutBackend`, `PutMaglev`, `PutBackendList`,
+//!   `PutServiceName`, `PutFrontend`, `DeleteFrontend`,
+//!   `DeleteBackendList`, `DeleteServiceName`, `DeleteMaglev`, `FreeBackend`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -26,15 +30,15 @@ use std::net::Ipv4Addr;
 use lb_common::{
     BACKEND_ACTIVE, BACKEND_F_LOCAL, BACKEND_TERMINATING, BackendV4, FRONTEND_EXTERNAL_IP,
     FRONTEND_LOADBALANCER, FRONTEND_NODEPORT, FrontendKeyV4, MAGLEV_CAPACITY, MAX_BACKENDS,
-    MAX_FRONTENDS, MAX_SERVICES, MaglevTable, POLICY_MAGLEV, SVC_F_DROP_NO_BACKEND,
-    SVC_F_SOURCE_RANGES, ServiceValue,
+    MAX_FRONTENDS, MAX_SERVICES, MaglevTable, SVC_F_DROP_NO_BACKEND, SVC_F_SOURCE_RANGES,
+    SVC_F_TERMINATING_FALLBACK, ServiceValue,
 };
 
 use crate::error::{Error, Result};
 use crate::maglev;
 use crate::model::{
-    BackendState, Desired, Frontend, FrontendKind, Proto, ServicePort, SessionAffinity,
-    TrafficPolicy,
+    BackendState, BalancingPolicy, Desired, Frontend, FrontendKind, Proto, ServicePort,
+    SessionAffinity, TrafficPolicy,
 };
 use crate::writer::{MapState, Op, SrcRange};
 
@@ -301,12 +305,24 @@ pub fn plan(current: &MapState, desired: &Desired, cfg: &PlanConfig) -> Result<V
     // Maglev tables and frontends.
     let mut ops_maglev = Vec::new();
     let mut want_tables = BTreeSet::new();
+    let mut want_lists: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+    let mut want_names: BTreeMap<u32, String> = BTreeMap::new();
     let mut want_fe: BTreeMap<FrontendKeyV4, ServiceValue> = BTreeMap::new();
     let mut want_ranges: BTreeSet<SrcRange> = BTreeSet::new();
     for (i, sp) in desired.services.values().enumerate() {
         let sid = sid_of[i].unwrap_or_default();
         let active: Vec<&(u32, String, bool)> = svc_be[i].iter().filter(|b| b.2).collect();
         let has_table = !active.is_empty();
+        want_names.insert(
+            sid,
+            lb_common::ServiceName::new(&names[i].to_string())
+                .as_str()
+                .to_owned(),
+        );
+        if has_table && sp.policy != BalancingPolicy::Maglev {
+            let n = active.len().min(lb_common::BACKEND_LIST_CAPACITY);
+            want_lists.insert(sid, active[..n].iter().map(|b| b.0).collect());
+        }
         if has_table {
             want_tables.insert(sid);
             let ids: BTreeSet<u32> = active.iter().map(|b| b.0).collect();
@@ -355,6 +371,22 @@ pub fn plan(current: &MapState, desired: &Desired, cfg: &PlanConfig) -> Result<V
         }
     }
     ops.extend(ops_maglev);
+    for (&service_id, ids) in &want_lists {
+        if current.backend_lists.get(&service_id) != Some(ids) {
+            ops.push(Op::PutBackendList {
+                service_id,
+                ids: ids.clone(),
+            });
+        }
+    }
+    for (&service_id, name) in &want_names {
+        if current.names.get(&service_id) != Some(name) {
+            ops.push(Op::PutServiceName {
+                service_id,
+                name: name.clone(),
+            });
+        }
+    }
     ops.extend(
         want_ranges
             .difference(&current.src_ranges)
@@ -379,6 +411,16 @@ pub fn plan(current: &MapState, desired: &Desired, cfg: &PlanConfig) -> Result<V
             .difference(&want_ranges)
             .map(|r| Op::DeleteSrcRange(*r)),
     );
+    for &service_id in current.backend_lists.keys() {
+        if !want_lists.contains_key(&service_id) {
+            ops.push(Op::DeleteBackendList { service_id });
+        }
+    }
+    for &service_id in current.names.keys() {
+        if !want_names.contains_key(&service_id) {
+            ops.push(Op::DeleteServiceName { service_id });
+        }
+    }
     for &service_id in current.maglev.keys() {
         if !want_tables.contains(&service_id) {
             ops.push(Op::DeleteMaglev { service_id });
@@ -409,6 +451,9 @@ fn service_value(
     if sp.traffic_policy == TrafficPolicy::Local {
         flags |= SVC_F_DROP_NO_BACKEND;
     }
+    if sp.terminating_fallback && backend_count > 0 {
+        flags |= SVC_F_TERMINATING_FALLBACK;
+    }
     ServiceValue {
         service_id: sid,
         backend_count,
@@ -419,7 +464,7 @@ fn service_value(
         },
         flags,
         kind: kind_code(f.kind),
-        policy: POLICY_MAGLEV,
+        policy: sp.policy.code(),
         _pad: 0,
     }
 }

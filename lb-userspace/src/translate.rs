@@ -29,8 +29,8 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::error::{Error, Result};
 use crate::model::{
-    Backend, BackendState, Desired, Frontend, FrontendKind, Ipv4Cidr, Proto, ServicePort,
-    ServicePortName, SessionAffinity, TrafficPolicy,
+    Backend, BackendState, BalancingPolicy, Desired, Frontend, FrontendKind, Ipv4Cidr, Proto,
+    ServicePort, ServicePortName, SessionAffinity, TrafficPolicy,
 };
 use crate::source::{ObjectRef, Objects};
 
@@ -38,6 +38,10 @@ use crate::source::{ObjectRef, Objects};
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 /// Label that hands a Service to another proxy implementation.
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+/// Annotation on a Service choosing its balancing policy: `maglev`
+/// (default), `round-robin` or `least-connection`. Any other value: a
+/// warning, and Maglev.
+pub const ANNOTATION_BALANCING: &str = "lb-agent.dev/balancing";
 /// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds`.
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 
@@ -197,6 +201,22 @@ fn translate_service(
         }
     }
 
+    let policy = match svc
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_BALANCING))
+    {
+        None => BalancingPolicy::Maglev,
+        Some(v) => BalancingPolicy::parse(v).unwrap_or_else(|| {
+            out.warnings.push(format!(
+                "{obj}: annotation {ANNOTATION_BALANCING}: unknown policy {v:?} \
+                 (maglev, round-robin or least-connection); using maglev"
+            ));
+            BalancingPolicy::Maglev
+        }),
+    };
+
     let health_check_node_port = match spec.health_check_node_port {
         None | Some(0) => None,
         Some(p) if traffic_policy == TrafficPolicy::Local => {
@@ -334,11 +354,15 @@ fn translate_service(
             }
         }
 
-        let mut backends = backends_of(p.name.as_deref(), proto, slices, objs, node)?;
+        let (mut backends, mut terminating_fallback) =
+            backends_of(p.name.as_deref(), proto, slices, objs, node)?;
         if traffic_policy == TrafficPolicy::Local {
             // Only this node's endpoints; the KEP-1669 fallback applies
             // among them (kube-proxy's behaviour for eTP Local).
             backends.retain(|b| b.local);
+            terminating_fallback = !backends.is_empty()
+                && (terminating_fallback
+                    || !backends.iter().any(|b| b.state == BackendState::Active));
             if !backends.iter().any(|b| b.state == BackendState::Active) {
                 backends = backends
                     .into_iter()
@@ -357,7 +381,8 @@ fn translate_service(
                 affinity,
                 traffic_policy,
                 source_ranges: source_ranges.clone(),
-                policy: Default::default(),
+                policy,
+                terminating_fallback,
                 health_check_node_port,
             },
         );
@@ -372,14 +397,15 @@ enum Condition {
     Ready,
 }
 
-/// The backends of one service port, merged over its slices.
+/// The backends of one service port, merged over its slices, and whether
+/// they are the serving-and-terminating fallback (no endpoint ready).
 fn backends_of(
     port_name: Option<&str>,
     proto: Proto,
     slices: &[&EndpointSlice],
     objs: &Objects,
     node: &NodeContext,
-) -> Result<BTreeSet<Backend>> {
+) -> Result<(BTreeSet<Backend>, bool)> {
     let mut merged: BTreeMap<(Ipv4Addr, u16), (Condition, Option<String>)> = BTreeMap::new();
     for slice in slices {
         if slice.address_type != "IPv4" {
@@ -428,7 +454,8 @@ fn backends_of(
         }
     }
     let any_ready = merged.values().any(|(c, _)| *c == Condition::Ready);
-    Ok(merged
+    let fallback = !any_ready && !merged.is_empty();
+    let set = merged
         .into_iter()
         .map(|((addr, port), (cond, node_name))| Backend {
             addr,
@@ -440,7 +467,8 @@ fn backends_of(
             local: node_name.as_deref() == Some(node.node_name.as_str()),
             node_name,
         })
-        .collect())
+        .collect();
+    Ok((set, fallback))
 }
 
 /// A port number in 1..=65535.

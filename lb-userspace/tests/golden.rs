@@ -19,16 +19,17 @@ use std::{
 
 use aya::{
     TestRun,
-    maps::{HashMap, Map, MapData, PerCpuArray},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray},
     programs::{SchedClassifier, TestRunOptions, TestRunResult, Xdp},
 };
 use etherparse::PacketBuilder;
 use lb_common::{
     BACKEND_ACTIVE, CT_DIR_FORWARD, CT_DIR_REPLY, CtKeyV4, CtValueV4, FrontendKeyV4, IPPROTO_TCP,
-    IPPROTO_UDP, REASON_AFFINITY, REASON_MAGLEV, REASON_REBALANCED, Stats, hash::flow_hash_v4, pin,
+    IPPROTO_UDP, REASON_AFFINITY, REASON_LEAST_CONN, REASON_MAGLEV, REASON_REBALANCED,
+    REASON_ROUND_ROBIN, Stats, hash::flow_hash_v4, pin,
 };
 use lb_userspace::{
-    loader::{Datapath, LoadOptions, TC_PROGRAM, XDP_PROGRAM, program},
+    loader::{Datapath, LoadOptions, TC_PROGRAM, XDP_PROGRAM, close_with, program},
     plan::{PlanConfig, plan},
     source::manifests,
     translate::{NodeContext, translate},
@@ -102,6 +103,52 @@ items:
 /// `externalTrafficPolicy: Local` one whose only endpoint is on another node
 /// (drops).
 const OTHER_SERVICES: &str = r#"- apiVersion: v1
+  kind: Service
+  metadata:
+    name: rr
+    namespace: demo
+    annotations: {lb-agent.dev/balancing: round-robin}
+  spec:
+    type: NodePort
+    clusterIP: 10.96.0.15
+    ports:
+    - {name: t, protocol: TCP, port: 80, nodePort: 30300, targetPort: 8080}
+- apiVersion: discovery.k8s.io/v1
+  kind: EndpointSlice
+  metadata:
+    name: rr-x1
+    namespace: demo
+    labels: {kubernetes.io/service-name: rr}
+  addressType: IPv4
+  ports: [{name: t, protocol: TCP, port: 8080}]
+  endpoints:
+  - {addresses: ["198.18.3.13"], conditions: {ready: true}, nodeName: node-a}
+  - {addresses: ["198.18.3.11"], conditions: {ready: true}, nodeName: node-a}
+  - {addresses: ["198.18.3.12"], conditions: {ready: true}, nodeName: node-a}
+- apiVersion: v1
+  kind: Service
+  metadata:
+    name: lc
+    namespace: demo
+    annotations: {lb-agent.dev/balancing: least-connection}
+  spec:
+    type: NodePort
+    clusterIP: 10.96.0.16
+    ports:
+    - {name: t, protocol: TCP, port: 80, nodePort: 30301, targetPort: 8080}
+- apiVersion: discovery.k8s.io/v1
+  kind: EndpointSlice
+  metadata:
+    name: lc-x1
+    namespace: demo
+    labels: {kubernetes.io/service-name: lc}
+  addressType: IPv4
+  ports: [{name: t, protocol: TCP, port: 8080}]
+  endpoints:
+  - {addresses: ["198.18.4.11"], conditions: {ready: true}, nodeName: node-a}
+  - {addresses: ["198.18.4.12"], conditions: {ready: true}, nodeName: node-a}
+  - {addresses: ["198.18.4.13"], conditions: {ready: true}, nodeName: node-a}
+- apiVersion: v1
   kind: Service
   metadata: {name: web, namespace: demo}
   spec:
@@ -267,7 +314,12 @@ impl Golden {
     }
 
     fn pinned(&self, name: &str) -> MapData {
-        MapData::from_pin(self.root.join("v1").join(name)).unwrap()
+        MapData::from_pin(
+            self.root
+                .join(format!("v{}", lb_common::MAP_VERSION))
+                .join(name),
+        )
+        .unwrap()
     }
 
     fn stats(&self) -> Stats {
@@ -279,6 +331,31 @@ impl Golden {
             s.add(c);
         }
         s
+    }
+
+    fn open_flows(&self) -> Array<MapData, u64> {
+        Array::try_from(Map::Array(self.pinned(pin::BACKEND_OPEN_FLOWS))).unwrap()
+    }
+
+    /// The backend id of `addr` (TCP port 8080 when it has several) in the maps.
+    fn backend_id(&self, addr: [u8; 4]) -> u32 {
+        *self
+            .memory
+            .backends
+            .iter()
+            .find(|(_, b)| b.addr == addr && u16::from_be(b.port_be) == 8080)
+            .expect("backend in the maps")
+            .0
+    }
+
+    /// Open flows counted on the backend at `addr`.
+    fn open_of(&self, addr: [u8; 4]) -> u64 {
+        self.open_flows().get(&self.backend_id(addr), 0).unwrap()
+    }
+
+    fn set_open(&self, addr: [u8; 4], n: u64) {
+        let id = self.backend_id(addr);
+        self.open_flows().set(id, n, 0).unwrap();
     }
 
     fn ct(&self, key: &CtKeyV4) -> Option<CtValueV4> {
@@ -938,5 +1015,213 @@ fn snat_port_exhaustion_drops_and_counts_then_udp_is_forwarded_on_a_free_port() 
             .calc_checksum_ipv4(&ip.header().to_header(), u.payload())
             .unwrap(),
         "UDP checksum after DNAT+SNAT"
+    );
+}
+
+/// A TCP segment with FIN (and ACK) or RST set.
+fn tcp_end(src: ([u8; 4], u16), dst: ([u8; 4], u16), rst: bool) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(src.0, dst.0, 64)
+        .tcp(src.1, dst.1, 2000, 64240);
+    let b = if rst { b.rst() } else { b.fin().ack(1) };
+    let mut v = Vec::new();
+    b.write(&mut v, b"").unwrap();
+    v
+}
+
+fn fwd_key(sport: u16, dport: u16) -> CtKeyV4 {
+    CtKeyV4 {
+        src_addr: CLIENT,
+        dst_addr: NODE,
+        src_port_be: sport.to_be(),
+        dst_port_be: dport.to_be(),
+        proto: IPPROTO_TCP,
+        dir: CT_DIR_FORWARD,
+        _pad: [0; 2],
+    }
+}
+
+/// The backend a DNAT'd packet was sent to.
+fn dnat_target(out: &[u8]) -> [u8; 4] {
+    out[30..34].try_into().unwrap()
+}
+
+#[test]
+fn round_robin_takes_the_backends_in_turn() {
+    if !privileged() {
+        return;
+    }
+    let mut g = Golden::new(&PODS);
+    let mut got = Vec::new();
+    for (turn, port) in (42_000..42_007u16).enumerate() {
+        let (verdict, out) = g.xdp(&tcp((CLIENT, port), (NODE, 30300), true, b""));
+        assert_eq!(verdict, XDP_PASS);
+        let be = dnat_target(&out);
+        got.push(be[3]);
+        let ct = g.ct(&fwd_key(port, 30300)).expect("pinned");
+        assert_eq!(ct.reason, REASON_ROUND_ROBIN);
+        assert_eq!(ct.choice, turn as u32, "the turn is recorded");
+        // The host reference agrees turn by turn.
+        let key = FrontendKeyV4 {
+            addr: NODE,
+            port_be: 30300u16.to_be(),
+            proto: IPPROTO_TCP,
+            _pad: 0,
+        };
+        let (_, want) = g
+            .memory
+            .resolve_policy(&key, 0, turn as u64, |_| 0)
+            .unwrap();
+        assert_eq!(want.addr, be);
+    }
+    // List order is ascending address, whatever the slice's order.
+    assert_eq!(got, [11, 12, 13, 11, 12, 13, 11]);
+    // Each flow is counted once on its backend.
+    assert_eq!(g.open_of([198, 18, 3, 11]), 3);
+    assert_eq!(g.open_of([198, 18, 3, 12]), 2);
+    assert_eq!(g.open_of([198, 18, 3, 13]), 2);
+    assert_eq!(g.stats().flows_opened, 7);
+}
+
+#[test]
+fn least_connection_takes_the_backend_with_the_fewest_open_flows() {
+    if !privileged() {
+        return;
+    }
+    let mut g = Golden::new(&PODS);
+    let a = [198, 18, 4, 11];
+    let b = [198, 18, 4, 12];
+    let c = [198, 18, 4, 13];
+    // The counter map says: a 5, b 2, c 7.
+    g.set_open(a, 5);
+    g.set_open(b, 2);
+    g.set_open(c, 7);
+    let (_, out) = g.xdp(&tcp((CLIENT, 43_000), (NODE, 30301), true, b""));
+    assert_eq!(dnat_target(&out), b);
+    let ct = g.ct(&fwd_key(43_000, 30301)).unwrap();
+    assert_eq!(ct.reason, REASON_LEAST_CONN);
+    assert_eq!(ct.choice, 2, "the count seen when choosing");
+    assert_eq!(g.open_of(b), 3, "counted from the moment it is pinned");
+
+    // All equal: the tie goes to Maglev's pick, as the host reference says.
+    for x in [a, b, c] {
+        g.set_open(x, 4);
+    }
+    let key = FrontendKeyV4 {
+        addr: NODE,
+        port_be: 30301u16.to_be(),
+        proto: IPPROTO_TCP,
+        _pad: 0,
+    };
+    for port in 43_001..43_011u16 {
+        for x in [a, b, c] {
+            g.set_open(x, 4);
+        }
+        let h = flow_hash_v4(CLIENT, NODE, port.to_be(), 30301u16.to_be(), IPPROTO_TCP);
+        let maglev = g.memory.resolve(&key, h).unwrap().addr;
+        let (_, want) = g.memory.resolve_policy(&key, h, 0, |_| 4).unwrap();
+        assert_eq!(want.addr, maglev);
+        let (_, out) = g.xdp(&tcp((CLIENT, port), (NODE, 30301), true, b""));
+        assert_eq!(dnat_target(&out), maglev, "tie → Maglev's pick");
+        assert_eq!(g.ct(&fwd_key(port, 30301)).unwrap().choice, 4);
+    }
+}
+
+#[test]
+fn a_fin_from_each_side_or_a_rst_counts_a_flow_down_exactly_once() {
+    if !privileged() {
+        return;
+    }
+    let mut g = Golden::new(&PODS);
+    let open_total = |g: &Golden| -> u64 {
+        PODS.iter()
+            .map(|p| g.open_of(p.parse::<Ipv4Addr>().unwrap().octets()))
+            .sum()
+    };
+
+    // FIN from the client, then from the pod.
+    g.xdp(&tcp((CLIENT, 44_000), (NODE, 30090), true, b""));
+    let be = g.expected_backend(44_000, 30090, IPPROTO_TCP);
+    assert_eq!(g.open_of(be.0), 1);
+    assert_eq!(g.ct(&fwd_key(44_000, 30090)).unwrap().reason, REASON_MAGLEV);
+    g.xdp(&tcp_end((CLIENT, 44_000), (NODE, 30090), false));
+    assert_eq!(g.open_of(be.0), 1, "half-closed is still open");
+    let (v, _) = g.tc(&tcp_end(be, (CLIENT, 44_000), false));
+    assert_eq!(v, TC_ACT_OK);
+    assert_eq!(g.open_of(be.0), 0, "FIN both ways: counted down");
+    // Retransmitted FINs and the last ACK change nothing.
+    g.xdp(&tcp_end((CLIENT, 44_000), (NODE, 30090), false));
+    g.tc(&tcp_end(be, (CLIENT, 44_000), false));
+    g.xdp(&tcp((CLIENT, 44_000), (NODE, 30090), false, b""));
+    assert_eq!(g.open_of(be.0), 0);
+
+    // FIN from the pod first, then from the client.
+    g.xdp(&tcp((CLIENT, 44_001), (NODE, 30090), true, b""));
+    let be1 = g.expected_backend(44_001, 30090, IPPROTO_TCP);
+    assert_eq!(open_total(&g), 1);
+    g.tc(&tcp_end(be1, (CLIENT, 44_001), false));
+    assert_eq!(open_total(&g), 1);
+    g.xdp(&tcp_end((CLIENT, 44_001), (NODE, 30090), false));
+    assert_eq!(open_total(&g), 0);
+
+    // RST from the pod, then a RST from the client too: once.
+    g.xdp(&tcp((CLIENT, 44_002), (NODE, 30090), true, b""));
+    let be2 = g.expected_backend(44_002, 30090, IPPROTO_TCP);
+    assert_eq!(open_total(&g), 1);
+    g.tc(&tcp_end(be2, (CLIENT, 44_002), true));
+    assert_eq!(open_total(&g), 0);
+    g.xdp(&tcp_end((CLIENT, 44_002), (NODE, 30090), true));
+    assert_eq!(open_total(&g), 0);
+
+    // RST from the client.
+    g.xdp(&tcp((CLIENT, 44_003), (NODE, 30090), true, b""));
+    assert_eq!(open_total(&g), 1);
+    g.xdp(&tcp_end((CLIENT, 44_003), (NODE, 30090), true));
+    assert_eq!(open_total(&g), 0);
+
+    // The agent's collector ends a flow (idle timeout) through lb_flow_end:
+    // once, and never after the datapath did.
+    g.xdp(&tcp((CLIENT, 44_004), (NODE, 30090), true, b""));
+    assert_eq!(open_total(&g), 1);
+    assert!(close_with(&mut g.dp.ebpf, &fwd_key(44_004, 30090)).unwrap());
+    assert_eq!(open_total(&g), 0);
+    assert!(!close_with(&mut g.dp.ebpf, &fwd_key(44_004, 30090)).unwrap());
+    assert!(!close_with(&mut g.dp.ebpf, &fwd_key(44_000, 30090)).unwrap());
+    assert_eq!(open_total(&g), 0);
+
+    let s = g.stats();
+    assert_eq!(s.flows_opened, 5);
+    assert_eq!(
+        s.flows_closed, 4,
+        "four closed by the datapath, one by the agent"
+    );
+    assert_eq!(s.flows_untracked, 0);
+}
+
+#[test]
+fn a_rebalanced_flow_moves_its_count() {
+    if !privileged() {
+        return;
+    }
+    let mut g = Golden::new(&PODS);
+    g.xdp(&tcp((CLIENT, 45_000), (NODE, 30090), true, b""));
+    let be = g.expected_backend(45_000, 30090, IPPROTO_TCP);
+    let old_id = g.backend_id(be.0);
+    assert_eq!(g.open_of(be.0), 1);
+    let gone = Ipv4Addr::from(be.0).to_string();
+    let rest: Vec<&str> = PODS.iter().copied().filter(|p| *p != gone).collect();
+    g.set_endpoints(&rest);
+    let (_, out) = g.xdp(&tcp((CLIENT, 45_000), (NODE, 30090), false, b"x"));
+    let now = dnat_target(&out);
+    assert_ne!(now, be.0);
+    assert_eq!(
+        g.open_flows().get(&old_id, 0).unwrap(),
+        0,
+        "moved off the removed backend"
+    );
+    assert_eq!(g.open_of(now), 1);
+    assert_eq!(
+        g.ct(&fwd_key(45_000, 30090)).unwrap().reason,
+        REASON_REBALANCED
     );
 }

@@ -351,12 +351,12 @@ fn plan_apply_replan_is_empty_and_resolves() {
     // Order: backends, tables, frontends.
     let rank = |op: &Op| match op {
         Op::PutBackend { .. } => 0,
-        Op::PutMaglev { .. } => 1,
+        Op::PutMaglev { .. } | Op::PutBackendList { .. } | Op::PutServiceName { .. } => 1,
         Op::PutSrcRange(_) => 2,
         Op::PutFrontend { .. } => 3,
         Op::DeleteFrontend { .. } => 4,
         Op::DeleteSrcRange(_) => 5,
-        Op::DeleteMaglev { .. } => 6,
+        Op::DeleteMaglev { .. } | Op::DeleteBackendList { .. } | Op::DeleteServiceName { .. } => 6,
         Op::FreeBackend { .. } => 7,
     };
     assert!(ops.windows(2).all(|w| rank(&w[0]) <= rank(&w[1])));
@@ -407,7 +407,8 @@ fn ids_survive_a_restart() {
     );
     let before = maps.clone();
     let ops = converge(&mut maps, &d2, &cfg());
-    assert_eq!(ops.len(), 3, "{ops:?}");
+    // Backend, table, name, frontend.
+    assert_eq!(ops.len(), 4, "{} ops", ops.len());
     for (k, v) in &before.frontends {
         assert_eq!(maps.frontends[k], *v);
     }

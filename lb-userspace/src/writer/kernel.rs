@@ -13,8 +13,8 @@ use aya::{
     },
 };
 use lb_common::{
-    BACKEND_FREE, BackendV4, FrontendKeyV4, MAGLEV_CAPACITY, MaglevTable, ServiceValue, SrcRangeV4,
-    pin,
+    BACKEND_FREE, BACKEND_LIST_CAPACITY, BackendList, BackendV4, FrontendKeyV4, MAGLEV_CAPACITY,
+    MaglevTable, ServiceName, ServiceValue, SrcRangeV4, pin,
 };
 
 use super::{MaglevEntry, MapState, MapWriter, Op, SrcRange};
@@ -26,6 +26,8 @@ pub struct KernelMaps {
     maglev: HashMap<MapData, u32, MaglevTable>,
     backends: Array<MapData, BackendV4>,
     src_ranges: LpmTrie<MapData, SrcRangeV4, u32>,
+    lists: HashMap<MapData, u32, BackendList>,
+    names: HashMap<MapData, u32, ServiceName>,
 }
 
 fn range_key(r: &SrcRange) -> Key<SrcRangeV4> {
@@ -63,6 +65,12 @@ impl KernelMaps {
             src_ranges: take(ebpf, pin::SRC_RANGES_V4)?
                 .try_into()
                 .map_err(|e| err(pin::SRC_RANGES_V4, e))?,
+            lists: take(ebpf, pin::SERVICE_BACKENDS)?
+                .try_into()
+                .map_err(|e| err(pin::SERVICE_BACKENDS, e))?,
+            names: take(ebpf, pin::SERVICE_NAMES)?
+                .try_into()
+                .map_err(|e| err(pin::SERVICE_NAMES, e))?,
         })
     }
 
@@ -79,6 +87,10 @@ impl KernelMaps {
                 .map_err(|e| err(pin::BACKENDS_V4, e))?,
             src_ranges: LpmTrie::try_from(Map::LpmTrie(open(pin::SRC_RANGES_V4)?))
                 .map_err(|e| err(pin::SRC_RANGES_V4, e))?,
+            lists: HashMap::try_from(Map::HashMap(open(pin::SERVICE_BACKENDS)?))
+                .map_err(|e| err(pin::SERVICE_BACKENDS, e))?,
+            names: HashMap::try_from(Map::HashMap(open(pin::SERVICE_NAMES)?))
+                .map_err(|e| err(pin::SERVICE_NAMES, e))?,
         })
     }
 }
@@ -117,6 +129,29 @@ impl MapWriter for KernelMaps {
                     .src_ranges
                     .remove(&range_key(r))
                     .map_err(|e| err(pin::SRC_RANGES_V4, format!("remove {r:?}: {e}")))?,
+                Op::PutBackendList { service_id, ids } => {
+                    let mut list = Box::<BackendList>::default();
+                    let n = ids.len().min(BACKEND_LIST_CAPACITY);
+                    list.ids[..n].copy_from_slice(&ids[..n]);
+                    list.count = n as u32;
+                    self.lists
+                        .insert(service_id, list.as_ref(), 0)
+                        .map_err(|e| {
+                            err(pin::SERVICE_BACKENDS, format!("insert {service_id}: {e}"))
+                        })?
+                }
+                Op::DeleteBackendList { service_id } => self
+                    .lists
+                    .remove(service_id)
+                    .map_err(|e| err(pin::SERVICE_BACKENDS, format!("remove {service_id}: {e}")))?,
+                Op::PutServiceName { service_id, name } => self
+                    .names
+                    .insert(service_id, ServiceName::new(name), 0)
+                    .map_err(|e| err(pin::SERVICE_NAMES, format!("insert {service_id}: {e}")))?,
+                Op::DeleteServiceName { service_id } => self
+                    .names
+                    .remove(service_id)
+                    .map_err(|e| err(pin::SERVICE_NAMES, format!("remove {service_id}: {e}")))?,
                 Op::FreeBackend { id } => {
                     let mut v = self
                         .backends
@@ -168,11 +203,28 @@ impl MapWriter for KernelMaps {
                 prefix_len: key.prefix_len().saturating_sub(32) as u8,
             });
         }
+        let mut backend_lists = BTreeMap::new();
+        for key in self.lists.keys() {
+            let id = key.map_err(|e| err(pin::SERVICE_BACKENDS, e))?;
+            let l = self
+                .lists
+                .get(&id, 0)
+                .map_err(|e| err(pin::SERVICE_BACKENDS, e))?;
+            let n = (l.count as usize).min(BACKEND_LIST_CAPACITY);
+            backend_lists.insert(id, l.ids[..n].to_vec());
+        }
+        let mut names = BTreeMap::new();
+        for kv in self.names.iter() {
+            let (id, v) = kv.map_err(|e| err(pin::SERVICE_NAMES, e))?;
+            names.insert(id, v.as_str().to_owned());
+        }
         Ok(MapState {
             frontends,
             maglev,
             backends,
             src_ranges,
+            backend_lists,
+            names,
         })
     }
 }

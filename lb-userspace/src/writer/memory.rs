@@ -56,6 +56,44 @@ impl MemoryMaps {
         (b.state == BACKEND_ACTIVE && b.service_id == svc.service_id).then_some(*b)
     }
 
+    /// The backend id and entry the datapath picks for a new flow to `key`
+    /// under the service's policy (no session affinity): Maglev as
+    /// [`MemoryMaps::resolve`]; round-robin: list entry
+    /// `rr_index(turn, len)` for the service's turn counter `turn`;
+    /// least-connection: `lb_common::policy::least_conn` over the list with
+    /// the open-flow counts `open`.
+    pub fn resolve_policy(
+        &self,
+        key: &FrontendKeyV4,
+        flow_hash: u32,
+        turn: u64,
+        open: impl Fn(u32) -> u64,
+    ) -> Option<(u32, BackendV4)> {
+        let svc = self.frontends.get(key)?;
+        if svc.backend_count == 0 || svc.maglev_size == 0 {
+            return None;
+        }
+        let table = self.maglev.get(&svc.service_id)?;
+        let slot_id = |h: u32| {
+            let slot = lb_common::hash::maglev_slot(h, svc.maglev_size);
+            table.slots.get(slot as usize).copied()
+        };
+        let list = self.backend_lists.get(&svc.service_id);
+        let id = match (svc.policy, list) {
+            (lb_common::POLICY_ROUND_ROBIN, Some(l)) if !l.is_empty() => {
+                l[lb_common::policy::rr_index(turn, l.len() as u32) as usize]
+            }
+            (lb_common::POLICY_LEAST_CONN, Some(l)) => {
+                let m = slot_id(flow_hash)?;
+                let second = slot_id(lb_common::hash::rehash(flow_hash))?;
+                lb_common::policy::least_conn(l, m, second, open).0
+            }
+            _ => slot_id(flow_hash)?,
+        };
+        let b = self.backends.get(&id)?;
+        (b.state == BACKEND_ACTIVE && b.service_id == svc.service_id).then_some((id, *b))
+    }
+
     /// Checks that nothing the datapath can reach dangles: every frontend
     /// with backends has a table, and every slot of every table names a
     /// written backend of that table's service. Describes the first problem
@@ -82,6 +120,14 @@ impl MemoryMaps {
                 }
             }
         }
+        for (sid, l) in &self.backend_lists {
+            for id in l {
+                match self.backends.get(id) {
+                    Some(b) if b.service_id == *sid => {}
+                    _ => return Err(format!("list {sid} names backend {id}, not written")),
+                }
+            }
+        }
         Ok(())
     }
 
@@ -99,12 +145,17 @@ impl MemoryMaps {
             Op::PutFrontend { key, .. } => {
                 !self.frontends.contains_key(key) && self.frontends.len() >= MAX_FRONTENDS as usize
             }
+            Op::PutBackendList { service_id, .. } | Op::PutServiceName { service_id, .. } => {
+                *service_id >= MAX_SERVICES
+            }
             _ => false,
         };
         if over {
             let map = match op {
                 Op::PutBackend { .. } => lb_common::pin::BACKENDS_V4,
                 Op::PutMaglev { .. } => lb_common::pin::MAGLEV,
+                Op::PutBackendList { .. } => lb_common::pin::SERVICE_BACKENDS,
+                Op::PutServiceName { .. } => lb_common::pin::SERVICE_NAMES,
                 _ => lb_common::pin::FRONTENDS_V4,
             };
             return Err(full(map, op));

@@ -24,6 +24,11 @@ pub struct MapState {
     pub backends: BTreeMap<u32, BackendV4>,
     /// `LB_SRC_RANGE_V4`: (service id, network address, prefix length).
     pub src_ranges: BTreeSet<SrcRange>,
+    /// `LB_SVC_BACKENDS`: service id → its usable backend ids in list order
+    /// (services whose policy is not Maglev).
+    pub backend_lists: BTreeMap<u32, Vec<u32>>,
+    /// `LB_SVC_NAMES`: service id → `ns/name:port`.
+    pub names: BTreeMap<u32, String>,
 }
 
 /// A service's Maglev table as the planner sees it.
@@ -57,9 +62,10 @@ pub struct SrcRange {
 }
 
 /// One map write. The planner orders them so that the datapath never sees a
-/// reference to something not yet written: backends, then Maglev tables, then
-/// frontends (source ranges before the frontends that use them); removals in
-/// the reverse order.
+/// reference to something not yet written: backends, then Maglev tables and
+/// backend lists, then frontends (source ranges before the frontends that
+/// use them); removals in the reverse order. Names come with the lists and
+/// go with them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
     /// Write backend `id` (new backend, or a state change).
@@ -79,8 +85,16 @@ pub enum Op {
         key: FrontendKeyV4,
         value: ServiceValue,
     },
+    /// Replace the whole backend list of a service (one atomic map update).
+    PutBackendList { service_id: u32, ids: Vec<u32> },
+    /// Name (or rename) a service id for operators' tools.
+    PutServiceName { service_id: u32, name: String },
     /// Remove a frontend.
     DeleteFrontend { key: FrontendKeyV4 },
+    /// Remove a service's backend list.
+    DeleteBackendList { service_id: u32 },
+    /// Forget a service id's name.
+    DeleteServiceName { service_id: u32 },
     /// Remove a service's Maglev table.
     DeleteMaglev { service_id: u32 },
     /// Mark backend `id` free (array slots cannot be deleted). Flows still
@@ -133,6 +147,22 @@ impl MapState {
             }
             Op::PutSrcRange(r) => {
                 self.src_ranges.insert(*r);
+            }
+            Op::PutBackendList { service_id, ids } => {
+                let n = ids.len().min(lb_common::BACKEND_LIST_CAPACITY);
+                self.backend_lists.insert(*service_id, ids[..n].to_vec());
+            }
+            Op::DeleteBackendList { service_id } => {
+                self.backend_lists.remove(service_id);
+            }
+            Op::PutServiceName { service_id, name } => {
+                self.names.insert(
+                    *service_id,
+                    lb_common::ServiceName::new(name).as_str().to_owned(),
+                );
+            }
+            Op::DeleteServiceName { service_id } => {
+                self.names.remove(service_id);
             }
             Op::DeleteSrcRange(r) => {
                 self.src_ranges.remove(r);
