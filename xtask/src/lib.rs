@@ -10,10 +10,12 @@ pub mod build;
 pub mod cmd;
 pub mod demo;
 pub mod image;
+pub mod kubeproxy;
 pub mod lab;
 pub mod run;
 pub mod setup;
 pub mod test;
+pub mod traffic;
 
 use std::path::PathBuf;
 
