@@ -25,6 +25,9 @@ use crate::{build, cmd, setup};
 const KERNEL_TESTS: &[(&str, &str, &str)] = &[
     ("lb-userspace", "golden", "lb-userspace/tests/golden.rs"),
     ("xtask", "e2e", "xtask/tests/e2e.rs"),
+    ("xtask", "policies", "xtask/tests/policies.rs"),
+    ("xtask", "kubeproxy", "xtask/tests/kubeproxy.rs"),
+    ("xtask", "traffic", "xtask/tests/traffic.rs"),
     ("xtask", "deploy", "xtask/tests/deploy.rs"),
     ("xtask", "kube", "xtask/tests/kube.rs"),
     ("xtask", "cluster", "xtask/tests/cluster.rs"),

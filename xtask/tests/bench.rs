@@ -82,9 +82,26 @@ fn quick_bench_has_every_section_with_sane_numbers() {
         );
     }
     assert!(r["datapath"]["spread_pct"]["established_ns"].is_number());
+    // Issue 8: the endpoints axis of the per-packet cost (2 and 100 quick).
+    let ep = r["datapath"]["endpoints_axis"]["rows"]
+        .as_array()
+        .expect("datapath.endpoints_axis.rows");
+    let eps: Vec<u64> = ep
+        .iter()
+        .map(|r| r["endpoints"].as_u64().unwrap())
+        .collect();
+    assert_eq!(eps, [2, 100]);
+    for i in 0..ep.len() {
+        within(
+            &r,
+            &format!("datapath.endpoints_axis.rows.{i}.established_ns"),
+            1.0,
+            5_000.0,
+        );
+    }
 
     // 2. Spread: shares sum to one, Maglev near-even, p-values in [0, 1].
-    for sys in ["maglev", "iptables_random"] {
+    for sys in ["maglev", "iptables_random", "nftables_numgen"] {
         let shares: f64 = r["spread"][sys]["shares"]
             .as_array()
             .unwrap()
@@ -110,9 +127,66 @@ fn quick_bench_has_every_section_with_sane_numbers() {
     assert!(num(&r, "sync_latency.p99_ms") <= num(&r, "sync_latency.max_ms"));
     assert_eq!(r["sync_latency"]["agent_errors_logged"], 0);
 
-    // Placeholders for the kube-proxy side, and the target verdicts.
-    assert_eq!(r["kube_proxy"]["status"], xtask::bench::NOT_MEASURED);
-    assert!(r["targets"].as_array().unwrap().len() >= 6);
+    // 4. Short connections: every system at every point of both axes (quick:
+    // 1 and 1,000 services; 2 and 100 endpoints), each answering, with
+    // ordered latencies and a no-LB fraction.
+    let sc = &r["short_connections"];
+    for (axis, field, points) in [
+        ("services_axis", "services", [1u64, 1_000]),
+        ("endpoints_axis", "endpoints", [2, 100]),
+    ] {
+        let rows = sc[axis].as_array().unwrap_or_else(|| panic!("{axis}"));
+        for p in points {
+            for system in ["nolb", "xdp", "iptables", "nftables"] {
+                let row = rows
+                    .iter()
+                    .find(|r| r[field] == p && r["system"] == system)
+                    .unwrap_or_else(|| panic!("{axis}: no {system} row at {field} = {p}"));
+                let rate = row["rate_per_s"].as_f64().unwrap();
+                assert!(rate > 50.0, "{axis} {p} {system}: {rate} connections/s");
+                let (p50, p99) = (
+                    row["p50_ms"].as_f64().unwrap(),
+                    row["p99_ms"].as_f64().unwrap(),
+                );
+                assert!(
+                    0.0 < p50 && p50 <= p99,
+                    "{axis} {p} {system}: p50 {p50}, p99 {p99}"
+                );
+                assert!(row["fraction_of_nolb"].as_f64().unwrap() > 0.0);
+                assert!(row["evidence"]["max_rate"]["cpu"]["busy"].is_number());
+            }
+        }
+    }
+    // 5. UDP: every system forwards.
+    for system in ["nolb", "xdp", "iptables", "nftables"] {
+        let row = r["udp"]["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["system"] == system)
+            .unwrap_or_else(|| panic!("udp: no {system} row"));
+        assert!(
+            row["rate_per_s"].as_f64().unwrap() > 50.0,
+            "udp {system}: {row}"
+        );
+    }
+    // 6. Control plane: the three systems loaded the same 1,000 services.
+    assert_eq!(r["control_plane"]["services"], 1_000);
+    for system in ["xdp", "iptables", "nftables"] {
+        within(
+            &r,
+            &format!("control_plane.{system}.initial_ms"),
+            0.01,
+            120_000.0,
+        );
+        within(
+            &r,
+            &format!("control_plane.{system}.add_endpoint_ms"),
+            0.001,
+            60_000.0,
+        );
+    }
+    assert!(r["targets"].as_array().unwrap().len() >= 10);
 
     // The docs the bench writes with --out.
     let dir = tempfile::tempdir().unwrap();
@@ -122,14 +196,24 @@ fn quick_bench_has_every_section_with_sane_numbers() {
         "## 1. XDP and TC per-packet cost",
         "## 2. Spread",
         "## 3. Sync latency",
-        xtask::bench::NOT_MEASURED,
+        "## 4. Short connections",
+        "What limits each system",
+        "## 5. UDP",
+        "## 6. Control plane",
+        "ours ÷ iptables",
         "benchmarks.svg",
+        "benchmarks-rates.svg",
     ] {
         assert!(md.contains(needle), "benchmarks.md lacks {needle:?}");
     }
     let svg = std::fs::read_to_string(dir.path().join("benchmarks.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
     assert_eq!(svg.matches("<polyline").count(), 5);
+    // Both axes, four systems each, the ceiling dashed.
+    let rates = std::fs::read_to_string(dir.path().join("benchmarks-rates.svg")).unwrap();
+    assert!(rates.starts_with("<svg") && rates.trim_end().ends_with("</svg>"));
+    assert_eq!(rates.matches("<polyline").count(), 8);
+    assert_eq!(rates.matches("stroke-dasharray").count(), 3);
     let back: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("benchmarks.json")).unwrap())
             .unwrap();
