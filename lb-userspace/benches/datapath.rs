@@ -44,12 +44,14 @@ use std::{
 
 use aya::{
     Ebpf, TestRun,
-    maps::{Map, MapData, PerCpuArray},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray},
     programs::{SchedClassifier, TestRunOptions, TestRunResult, Xdp},
 };
 use etherparse::PacketBuilder;
 use lb_common::{
-    Stats,
+    BackendList, CT_DIR_FORWARD, CtKeyV4, CtValueV4, FrontendKeyV4, IPPROTO_TCP, LC_SCAN_MAX,
+    POLICY_LEAST_CONN, POLICY_MAGLEV, POLICY_ROUND_ROBIN, REASON_LEAST_CONN, REASON_MAGLEV,
+    REASON_ROUND_ROBIN, ServiceValue, Stats,
     hash::{flow_hash_v4, maglev_slot},
     pin,
 };
@@ -58,7 +60,7 @@ use lb_userspace::{
     maglev,
     plan::{PlanConfig, plan},
     source::Objects,
-    translate::{NodeContext, translate},
+    translate::{ANNOTATION_BALANCING, NodeContext, translate},
     writer::{MapState, MapWriter, kernel::KernelMaps},
 };
 use serde_json::{Value, json};
@@ -187,8 +189,10 @@ fn main() -> ExitCode {
 /// How much work each figure gets.
 #[derive(Clone, Copy)]
 struct Effort {
-    /// Service counts measured.
+    /// Service counts measured (× [`ENDPOINTS`] endpoints each).
     services: &'static [usize],
+    /// Endpoint counts of one service measured (issue 8's endpoints axis).
+    endpoints: &'static [usize],
     /// `repeat` of the non-service, established and TC calls (even: the
     /// ping-pong then ends on the input bytes).
     repeat: u32,
@@ -196,19 +200,25 @@ struct Effort {
     calls: usize,
     /// Distinct SYNs per new-flow call.
     new_flow_packets: usize,
+    /// Calls per figure of the policy figures (cheap: new flows only).
+    policy_calls: usize,
 }
 
 const FULL: Effort = Effort {
     services: &[1, 1_000, 10_000],
+    endpoints: &[2, 10, 100, 1_000],
     repeat: 200_000,
     calls: 9,
     new_flow_packets: 4_000,
+    policy_calls: 11,
 };
 const QUICK: Effort = Effort {
     services: &[1, 1_000],
+    endpoints: &[2, 100],
     repeat: 20_000,
     calls: 5,
     new_flow_packets: 1_000,
+    policy_calls: 11,
 };
 
 fn datapath(quick: bool) -> Result<Value, String> {
@@ -217,10 +227,15 @@ fn datapath(quick: bool) -> Result<Value, String> {
     // over them, so that background load on a shared machine hits each
     // count alike (the ±% comparison is the point).
     let mut setups = Vec::new();
-    for &n in effort.services {
-        let s = Setup::new(n)?;
+    let points = effort
+        .services
+        .iter()
+        .map(|&n| (n, ENDPOINTS))
+        .chain(effort.endpoints.iter().map(|&e| (1, e)));
+    for (n, e) in points {
+        let s = Setup::new(n, e)?;
         println!(
-            "datapath: {n:>6} services: maps filled in {:.2} s ({} ops)",
+            "datapath: {n:>6} services × {e:>4} endpoints: maps filled in {:.2} s ({} ops)",
             s.fill_s, s.fill_ops
         );
         setups.push(s);
@@ -234,13 +249,15 @@ fn datapath(quick: bool) -> Result<Value, String> {
             s.call_all(call, &effort, true)?;
         }
     }
-    let rows: Vec<Value> = setups.iter().map(Setup::row).collect();
+    let all: Vec<Value> = setups.iter().map(Setup::row).collect();
     drop(setups);
-    for row in &rows {
+    let (rows, endpoint_rows) = all.split_at(effort.services.len());
+    for row in &all {
         println!(
-            "datapath: {:>6} services: non-service {:.1} ns, established {:.1} ns, \
+            "datapath: {:>6} services × {:>4} endpoints: non-service {:.1} ns, established {:.1} ns, \
              new flow {:.1} ns ({:.1} raw − {:.1} call overhead), TC reply {:.1} ns",
             row["services"],
+            row["endpoints"],
             row["non_service_ns"].as_f64().unwrap_or_default(),
             row["established_ns"].as_f64().unwrap_or_default(),
             row["new_flow_ns"].as_f64().unwrap_or_default(),
@@ -253,7 +270,8 @@ fn datapath(quick: bool) -> Result<Value, String> {
         "datapath: measured in {:.1} s",
         start.elapsed().as_secs_f64()
     );
-    Ok(json!({
+    let policies = policy_new_flow(&effort)?;
+    let mut out = json!({
         "services": effort.services,
         "endpoints_per_service": ENDPOINTS,
         "maglev_table_size": BENCH_MAGLEV_SIZE,
@@ -263,7 +281,14 @@ fn datapath(quick: bool) -> Result<Value, String> {
         "interleaved": true,
         "new_flow_packets_per_call": effort.new_flow_packets,
         "rows": rows,
-        "spread_pct": spread_pct(&rows),
+        "spread_pct": spread_pct(rows, "services"),
+        "endpoints_axis": {
+            "endpoints": effort.endpoints,
+            "maglev_table_size": BENCH_MAGLEV_SIZE,
+            "rows": endpoint_rows,
+            "spread_pct": spread_pct(endpoint_rows, "endpoints"),
+            "method": "one NodePort service with E ready local endpoints (plus the ping-pong helper service), measured exactly as the services axis, interleaved with it; E above the Maglev size (1021) would leave backends without a slot, so the axis stops at 1,000",
+        },
         "method": {
             "non_service": "TCP SYN to a port with no frontend, repeat R: not rewritten, so every repetition is the same miss; median of the calls' averages",
             "established": "ping-pong pair: service A's pods P:8080 are external IPs of a helper service B whose only endpoint is A's frontend; after a two-run warm-up (two new flows) every repetition is a conntrack hit + DNAT (A rewrites to P:8080, B back); verified: established += R and new_flows += 0 per call, and the output equals the input for even R",
@@ -271,18 +296,109 @@ fn datapath(quick: bool) -> Result<Value, String> {
             "tc_reply": "reply P:8080 -> client of the established flow through lb_tc_egress, repeat R; the reverse-NAT entries of A and B ping-pong the same way; verified: tc_reverse_nat += R per call",
             "maps": "filled through the agent's pipeline: Objects -> translate -> plan -> KernelMaps, one NodePort service per nodePort 30000+i, 10 ready local endpoints each; the measured service is the middle one; +1 helper service (B) for the ping-pong",
         },
-    }))
+    });
+    out["policy_new_flow"] = policies;
+    Ok(out)
 }
 
-/// (b − a) / a in percent, per figure, between the smallest and the largest
-/// service count.
-fn spread_pct(rows: &[Value]) -> Value {
+/// The services of the policy figures (issue 7): JSON key prefix, the
+/// `lb-agent.dev/balancing` annotation, ready endpoints.
+const POLICY_CASES: [(&str, &str, usize); 5] = [
+    ("maglev", "maglev", ENDPOINTS),
+    ("round_robin", "round-robin", ENDPOINTS),
+    ("least_conn_8", "least-connection", 8),
+    ("least_conn_64", "least-connection", 64),
+    ("least_conn_256", "least-connection", 256),
+];
+
+/// The per-packet cost of a new flow under each balancing policy: one
+/// service per case of [`POLICY_CASES`], each in its own datapath, new-flow
+/// calls as in the services axis, interleaved over the cases (rotating
+/// which goes first), then each setup checked to run its policy.
+fn policy_new_flow(effort: &Effort) -> Result<Value, String> {
+    let mut cases = Vec::new();
+    for (key, policy, per) in POLICY_CASES {
+        let s = Setup::with_policy(1, per, Some(policy))?;
+        println!(
+            "datapath: policy {key}: 1 service × {per:>3} endpoints \
+             ({ANNOTATION_BALANCING}: {policy}): maps filled in {:.2} s ({} ops)",
+            s.fill_s, s.fill_ops
+        );
+        cases.push((key, s));
+    }
+    let start = Instant::now();
+    let packets = effort.new_flow_packets;
+    let n = cases.len();
+    // Call 0 is the warm-up; every call has its own source address, so
+    // every SYN is a new flow (they stay open: least-connection's counts
+    // grow evenly, and its scan reads every count whatever their values).
+    let src = |call: usize| [198, 19, 201, call as u8 + 1];
+    for call in 0..=effort.policy_calls {
+        for k in 0..n {
+            let (_, s) = &mut cases[(call + k) % n];
+            let (raw, overhead) = s.call_new_flows(src(call), packets)?;
+            if call > 0 {
+                s.new_flow_raw.push(raw);
+                s.call_overhead.push(overhead);
+            }
+        }
+    }
+    let mut out = serde_json::Map::new();
+    let mut verified = serde_json::Map::new();
+    let mut endpoints = serde_json::Map::new();
+    for (key, s) in &cases {
+        let what = s
+            .verify_policy(src(effort.policy_calls), packets)
+            .map_err(|e| format!("policy {key}: {e}"))?;
+        let raw = median(s.new_flow_raw.clone());
+        let overhead = median(s.call_overhead.clone());
+        println!(
+            "datapath: policy {key:<15} ({:>3} endpoints): new flow {:.1} ns ({:.1} raw − {:.1} call overhead)",
+            s.per,
+            raw - overhead,
+            raw,
+            overhead
+        );
+        out.insert(format!("{key}_ns"), json!(round2(raw - overhead)));
+        out.insert(format!("{key}_raw_ns"), json!(round2(raw)));
+        out.insert(format!("{key}_call_overhead_ns"), json!(round2(overhead)));
+        endpoints.insert((*key).into(), json!(s.per));
+        verified.insert((*key).into(), json!(what));
+    }
+    println!(
+        "datapath: policies measured in {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+    out.insert("endpoints".into(), Value::Object(endpoints));
+    out.insert("calls".into(), json!(effort.policy_calls));
+    out.insert("warm_up_calls".into(), json!(1));
+    out.insert("new_flow_packets_per_call".into(), json!(packets));
+    out.insert("maglev_table_size".into(), json!(BENCH_MAGLEV_SIZE));
+    out.insert("lc_scan_max".into(), json!(LC_SCAN_MAX));
+    out.insert("verified".into(), Value::Object(verified));
+    out.insert(
+        "method".into(),
+        json!(format!(
+            "one NodePort service per policy, each in its own datapath, the annotation {ANNOTATION_BALANCING} set on the Service and the maps filled through the agent's pipeline (Objects -> translate -> plan -> KernelMaps, Maglev size {BENCH_MAGLEV_SIZE}): maglev and round-robin with 10 ready local endpoints, least-connection with 8, 64 and 256. \
+             Each call: repeat=1 over {packets} distinct SYNs (every one a new flow: conntrack miss, the policy's choice, conntrack and open-flow registry inserts, count up), raw = average call time, _ns = raw minus lb_xdp_pass called the same way on the same packets; median over {} calls after one warm-up call, the five services' calls interleaved (rotating order) so that background noise hits them alike. \
+             Flows are never closed, so the open-flow counts grow during the run (evenly under round-robin and least-connection). \
+             least_conn_8 and least_conn_64 scan every backend's count (up to LC_SCAN_MAX = {LC_SCAN_MAX}); least_conn_256 has more than LC_SCAN_MAX backends and compares two candidates only (its Maglev slot and a second slot from a re-hash). \
+             Verified after the calls (see `verified`): the frontend's policy in LB_FRONTENDS_V4, the conntrack reason of every flow of the last call, round-robin's LB_RR turn counter equal to the service's flows, and for round-robin and least-connection the LB_BE_OPEN counts summing to the flows (within 1 of each other except for the two-candidate case)",
+            effort.policy_calls
+        )),
+    );
+    Ok(Value::Object(out))
+}
+
+/// (b − a) / a in percent, per figure, between the first and the last row
+/// (smallest and largest `axis`: "services" or "endpoints").
+fn spread_pct(rows: &[Value], axis: &str) -> Value {
     let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
         return Value::Null;
     };
     let mut out = serde_json::Map::new();
-    out.insert("from_services".into(), first["services"].clone());
-    out.insert("to_services".into(), last["services"].clone());
+    out.insert(format!("from_{axis}"), first[axis].clone());
+    out.insert(format!("to_{axis}"), last[axis].clone());
     for k in [
         "non_service_ns",
         "established_ns",
@@ -322,22 +438,33 @@ fn object<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, String> {
     serde_json::from_value(v).map_err(|e| format!("building an object: {e}"))
 }
 
-/// `n` NodePort services of 10 ready local endpoints each, and the helper
-/// service B whose external IPs are the pods of service `target`.
-fn objects(n: usize, target: usize) -> Result<Objects, String> {
+/// `n` NodePort services of `per` ready local endpoints each, and the
+/// helper service B whose external IPs are the pods of service `target`.
+/// With `balancing`, the `n` services carry the annotation
+/// [`ANNOTATION_BALANCING`] with that value (B keeps the default, Maglev).
+fn objects(
+    n: usize,
+    per: usize,
+    target: usize,
+    balancing: Option<&str>,
+) -> Result<Objects, String> {
     let mut objs = Objects::default();
     for i in 0..n {
         let name = format!("svc-{i:05}");
+        let mut metadata = json!({"name": name, "namespace": "bench"});
+        if let Some(policy) = balancing {
+            metadata["annotations"] = json!({ ANNOTATION_BALANCING: policy });
+        }
         objs.services.push(object(json!({
             "apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": name, "namespace": "bench"},
+            "metadata": metadata,
             "spec": {"type": "NodePort", "clusterIP": "10.96.0.1",
                      "ports": [{"name": "http", "protocol": "TCP", "port": 80,
                                 "nodePort": FIRST_NODE_PORT as usize + i, "targetPort": POD_PORT}]},
         }))?);
-        let endpoints: Vec<Value> = (0..ENDPOINTS)
+        let endpoints: Vec<Value> = (0..per)
             .map(|j| {
-                json!({"addresses": [pod(i * ENDPOINTS + j).to_string()],
+                json!({"addresses": [pod(i * per + j).to_string()],
                        "conditions": {"ready": true}, "nodeName": NODE_NAME})
             })
             .collect();
@@ -350,8 +477,8 @@ fn objects(n: usize, target: usize) -> Result<Objects, String> {
             "endpoints": endpoints,
         }))?);
     }
-    let pods: Vec<String> = (0..ENDPOINTS)
-        .map(|j| pod(target * ENDPOINTS + j).to_string())
+    let pods: Vec<String> = (0..per)
+        .map(|j| pod(target * per + j).to_string())
         .collect();
     let target_port = FIRST_NODE_PORT as usize + target;
     objs.services.push(object(json!({
@@ -418,8 +545,11 @@ fn round2(x: f64) -> f64 {
 }
 
 fn stats(root: &Path) -> Result<Stats, String> {
-    let data = MapData::from_pin(root.join("v1").join(pin::STATS))
-        .map_err(|e| format!("open {}: {e}", pin::STATS))?;
+    let data = MapData::from_pin(
+        root.join(format!("v{}", lb_common::MAP_VERSION))
+            .join(pin::STATS),
+    )
+    .map_err(|e| format!("open {}: {e}", pin::STATS))?;
     let m: PerCpuArray<_, Stats> =
         PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(|e| e.to_string())?;
     let per_cpu = m.get(&0, 0).map_err(|e| e.to_string())?;
@@ -442,6 +572,13 @@ fn check(cond: bool, what: impl FnOnce() -> String) -> Result<(), String> {
 /// samples of its figures.
 struct Setup {
     n: usize,
+    /// Endpoints per service.
+    per: usize,
+    /// The `lb-agent.dev/balancing` annotation of the `n` services (`None`:
+    /// not written, Maglev).
+    policy: Option<&'static str>,
+    /// SYNs sent by [`Setup::call_new_flows`] so far.
+    syns_sent: u64,
     dp: Datapath,
     root: PinRoot,
     frontend: ([u8; 4], u16),
@@ -466,11 +603,19 @@ fn established_packet(frontend: ([u8; 4], u16)) -> Vec<u8> {
 
 impl Setup {
     /// Loads a datapath under its own bpffs root, fills its maps with `n`
-    /// services through the agent's pipeline, and warms the ping-pong flow.
-    fn new(n: usize) -> Result<Self, String> {
+    /// services of `per` endpoints through the agent's pipeline, and warms
+    /// the ping-pong flow.
+    fn new(n: usize, per: usize) -> Result<Self, String> {
+        Self::with_policy(n, per, None)
+    }
+
+    /// [`Setup::new`] with the `n` services annotated with the balancing
+    /// policy `policy` (`None`: no annotation).
+    fn with_policy(n: usize, per: usize, policy: Option<&'static str>) -> Result<Self, String> {
         let root = PinRoot(PathBuf::from(format!(
-            "/sys/fs/bpf/lb-bench-{}-{n}",
-            std::process::id()
+            "/sys/fs/bpf/lb-bench-{}-{n}-{per}{}",
+            std::process::id(),
+            policy.map(|p| format!("-{p}")).unwrap_or_default()
         )));
         let _ = std::fs::remove_dir_all(&root.0);
         let mut dp = Datapath::load(&LoadOptions {
@@ -485,14 +630,20 @@ impl Setup {
 
         let target = n / 2;
         let fill = Instant::now();
-        let objs = objects(n, target)?;
+        let objs = objects(n, per, target, policy)?;
         let node = NodeContext {
             node_name: NODE_NAME.into(),
             node_addrs: vec![Ipv4Addr::from(NODE)],
         };
-        let desired = translate(&objs, &node)
-            .map_err(|e| format!("translate: {e}"))?
-            .desired;
+        let translated = translate(&objs, &node).map_err(|e| format!("translate: {e}"))?;
+        // An unknown policy is only a warning (and Maglev): fail instead.
+        let bad: Vec<&String> = translated
+            .warnings
+            .iter()
+            .filter(|w| w.contains(ANNOTATION_BALANCING))
+            .collect();
+        check(bad.is_empty(), || format!("translate: {bad:?}"))?;
+        let desired = translated.desired;
         check(desired.services.len() == n + 1, || {
             format!(
                 "translate gave {} services, not {}",
@@ -510,6 +661,9 @@ impl Setup {
 
         let mut s = Self {
             n,
+            per,
+            policy,
+            syns_sent: 0,
             dp,
             root,
             frontend: (NODE, FIRST_NODE_PORT + target as u16),
@@ -541,6 +695,152 @@ impl Setup {
 
     fn stats(&self) -> Result<Stats, String> {
         stats(&self.root.0)
+    }
+
+    fn pinned(&self, name: &str) -> Result<MapData, String> {
+        MapData::from_pin(
+            self.root
+                .0
+                .join(format!("v{}", lb_common::MAP_VERSION))
+                .join(name),
+        )
+        .map_err(|e| format!("open {name}: {e}"))
+    }
+
+    /// The measured service's entry (its TCP NodePort frontend).
+    fn service(&self) -> Result<ServiceValue, String> {
+        let m: HashMap<_, FrontendKeyV4, ServiceValue> =
+            HashMap::try_from(Map::HashMap(self.pinned(pin::FRONTENDS_V4)?))
+                .map_err(|e| e.to_string())?;
+        let key = FrontendKeyV4 {
+            addr: self.frontend.0,
+            port_be: self.frontend.1.to_be(),
+            proto: IPPROTO_TCP,
+            _pad: 0,
+        };
+        m.get(&key, 0)
+            .map_err(|e| format!("frontend {:?}: {e}", self.frontend))
+    }
+
+    /// The open flows (`LB_BE_OPEN`) of each backend in the service's list
+    /// (`LB_SVC_BACKENDS`, round-robin and least-connection services).
+    fn open_counts(&self, svc: &ServiceValue) -> Result<Vec<u64>, String> {
+        let lists: HashMap<_, u32, BackendList> =
+            HashMap::try_from(Map::HashMap(self.pinned(pin::SERVICE_BACKENDS)?))
+                .map_err(|e| e.to_string())?;
+        let list = lists
+            .get(&svc.service_id, 0)
+            .map_err(|e| format!("backend list of service {}: {e}", svc.service_id))?;
+        let open: Array<_, u64> =
+            Array::try_from(Map::Array(self.pinned(pin::BACKEND_OPEN_FLOWS)?))
+                .map_err(|e| e.to_string())?;
+        list.ids[..list.count as usize]
+            .iter()
+            .map(|id| {
+                open.get(id, 0)
+                    .map_err(|e| format!("open flows of {id}: {e}"))
+            })
+            .collect()
+    }
+
+    /// Checks that the measured service ran its policy for the `packets`
+    /// SYNs of the last [`Setup::call_new_flows`] from `src`, and returns
+    /// what was checked. Fails when the frontend's policy is not the
+    /// annotation's, when a flow of that call was pinned for another reason,
+    /// when round-robin's turn counter is not the number of flows the
+    /// service had, or when least-connection's counts are not the flows
+    /// (spread within 1 while it scans every backend).
+    fn verify_policy(&self, src: [u8; 4], packets: usize) -> Result<String, String> {
+        let (want_policy, want_reason) = match self.policy {
+            None | Some("maglev") => (POLICY_MAGLEV, REASON_MAGLEV),
+            Some("round-robin") => (POLICY_ROUND_ROBIN, REASON_ROUND_ROBIN),
+            Some("least-connection") => (POLICY_LEAST_CONN, REASON_LEAST_CONN),
+            Some(other) => return Err(format!("unknown policy {other:?}")),
+        };
+        let name = self.policy.unwrap_or("maglev");
+        let svc = self.service()?;
+        check(svc.policy == want_policy, || {
+            format!(
+                "{name}: the frontend's policy is {}, not {want_policy}",
+                svc.policy
+            )
+        })?;
+        let ct: HashMap<_, CtKeyV4, CtValueV4> =
+            HashMap::try_from(Map::LruHashMap(self.pinned(pin::CONNTRACK_V4)?))
+                .map_err(|e| e.to_string())?;
+        let (mut wrong, mut missing) = (Vec::new(), 0usize);
+        for i in 0..packets {
+            let key = CtKeyV4 {
+                src_addr: src,
+                dst_addr: self.frontend.0,
+                src_port_be: (10_000 + i as u16).to_be(),
+                dst_port_be: self.frontend.1.to_be(),
+                proto: IPPROTO_TCP,
+                dir: CT_DIR_FORWARD,
+                _pad: [0; 2],
+            };
+            match ct.get(&key, 0) {
+                Ok(v) if v.reason == want_reason && v.service_id == svc.service_id => {}
+                Ok(v) => wrong.push(v.reason),
+                Err(_) => missing += 1,
+            }
+        }
+        check(wrong.is_empty() && missing == 0, || {
+            format!(
+                "{name}: of the last call's {packets} flows, {missing} are not in conntrack \
+                 and {} have another reason than {want_reason} (first: {:?})",
+                wrong.len(),
+                wrong.first()
+            )
+        })?;
+        let mut done = format!(
+            "policy {want_policy} in LB_FRONTENDS_V4; conntrack reason {want_reason} on all {packets} flows of the last call"
+        );
+        // The service's flows: the ping-pong warm-up's first run and the SYNs.
+        let flows = 1 + self.syns_sent;
+        if want_policy == POLICY_MAGLEV {
+            return Ok(done);
+        }
+        let counts = self.open_counts(&svc)?;
+        let (sum, min, max) = (
+            counts.iter().sum::<u64>(),
+            counts.iter().copied().min().unwrap_or(0),
+            counts.iter().copied().max().unwrap_or(0),
+        );
+        check(counts.len() == self.per && sum == flows, || {
+            format!(
+                "{name}: {} backends in the list (want {}), {sum} open flows counted (want {flows})",
+                counts.len(),
+                self.per
+            )
+        })?;
+        let scans = counts.len() <= LC_SCAN_MAX as usize;
+        if want_policy == POLICY_ROUND_ROBIN {
+            let rr: Array<_, u64> = Array::try_from(Map::Array(self.pinned(pin::ROUND_ROBIN)?))
+                .map_err(|e| e.to_string())?;
+            let turn = rr
+                .get(&svc.service_id, 0)
+                .map_err(|e| format!("LB_RR: {e}"))?;
+            check(turn == flows, || {
+                format!("round-robin: turn counter {turn} after {flows} flows")
+            })?;
+            done += &format!("; LB_RR turn counter = {turn} = the service's flows");
+        }
+        if want_policy == POLICY_ROUND_ROBIN || scans {
+            check(max - min <= 1, || {
+                format!("{name}: open flows per backend from {min} to {max} (want within 1)")
+            })?;
+        }
+        done += &format!(
+            "; LB_BE_OPEN sums to the {flows} flows over {} backends, {min} to {max} each{}",
+            counts.len(),
+            match (want_policy, scans) {
+                (POLICY_ROUND_ROBIN, _) => "",
+                (_, true) => " (every backend scanned)",
+                (_, false) => " (two candidates: more than LC_SCAN_MAX backends)",
+            }
+        );
+        Ok(done)
     }
 
     fn xdp(&mut self, name: &str) -> Result<&mut Xdp, String> {
@@ -647,15 +947,18 @@ impl Setup {
             sum += ns(res.duration);
         }
         let after = self.stats()?;
+        self.syns_sent += syns.len() as u64;
         check(
             after.new_flows - before.new_flows == syns.len() as u64
-                && after.ct_insert_failed == before.ct_insert_failed,
+                && after.ct_insert_failed == before.ct_insert_failed
+                && after.flows_untracked == before.flows_untracked,
             || {
                 format!(
-                    "new flows: {} counted for {} SYNs ({} conntrack inserts failed)",
+                    "new flows: {} counted for {} SYNs ({} conntrack inserts failed, {} flows untracked)",
                     after.new_flows - before.new_flows,
                     syns.len(),
-                    after.ct_insert_failed - before.ct_insert_failed
+                    after.ct_insert_failed - before.ct_insert_failed,
+                    after.flows_untracked - before.flows_untracked
                 )
             },
         )?;
@@ -692,6 +995,7 @@ impl Setup {
         let overhead = median(self.call_overhead.clone());
         json!({
             "services": self.n,
+            "endpoints": self.per,
             "non_service_ns": round2(median(self.non_service.clone())),
             "established_ns": round2(median(self.established.clone())),
             "new_flow_raw_ns": round2(raw),
@@ -739,6 +1043,13 @@ fn iptables_pick(rng: &mut SplitMix64, n: usize) -> usize {
     n - 1
 }
 
+/// nftables' `numgen random mod n vmap { 0 : goto …, … }`: one uniform draw
+/// in `0..n` (the kernel's `prandom_u32_state` scaled by `reciprocal_scale`;
+/// simulated here as a uniform draw from the same generator).
+fn nftables_pick(rng: &mut SplitMix64, n: usize) -> usize {
+    (((rng.next_u64() >> 32) * n as u64) >> 32) as usize
+}
+
 /// Shares, max/min and the chi-square test of uniformity.
 fn spread_figures(counts: &[u64]) -> Value {
     let total: u64 = counts.iter().sum();
@@ -782,7 +1093,8 @@ fn spread() -> Value {
     let frontend = (NODE, FIRST_NODE_PORT);
     let mut maglev_counts = vec![0u64; n];
     let mut ipt_counts = vec![0u64; n];
-    let (mut moved, mut moved_other, mut ipt_moved) = (0u64, 0u64, 0u64);
+    let mut nft_counts = vec![0u64; n];
+    let (mut moved, mut moved_other, mut ipt_moved, mut nft_moved) = (0u64, 0u64, 0u64, 0u64);
     for _ in 0..SPREAD_FLOWS {
         let r = rng.next_u64();
         let src = (r as u32).to_be_bytes();
@@ -806,6 +1118,12 @@ fn spread() -> Value {
         if iptables_pick(&mut rng, n - 1) != i {
             ipt_moved += 1;
         }
+        // nftables: the same, with one uniform draw per connection.
+        let i = nftables_pick(&mut rng, n);
+        nft_counts[i] += 1;
+        if nftables_pick(&mut rng, n - 1) != i {
+            nft_moved += 1;
+        }
     }
     let flows = SPREAD_FLOWS as f64;
     let slot_max = *slot_counts.iter().max().unwrap_or(&0) as f64;
@@ -818,14 +1136,16 @@ fn spread() -> Value {
         "maglev": spread_figures(&maglev_counts),
         "maglev_table_slots_max_min_ratio": round6(slot_max / slot_min),
         "iptables_random": spread_figures(&ipt_counts),
+        "nftables_numgen": spread_figures(&nft_counts),
         "removal": {
             "removed_backend": names[removed],
             "maglev_moved_share": round6(moved as f64 / flows),
             "maglev_moved_share_of_surviving_backends": round6(moved_other as f64 / flows),
             "iptables_moved_share_simulated": round6(ipt_moved as f64 / flows),
             "iptables_moved_share_theoretical": round6(1.0 - 1.0 / n as f64),
+            "nftables_moved_share_simulated": round6(nft_moved as f64 / flows),
         },
-        "method": "100,000 5-tuples (random source address and port, one TCP frontend) from SplitMix64 with the seed above. Maglev: lb_userspace::maglev::populate over 10 backends (size 16381), slot = maglev_slot(flow_hash_v4(tuple), size), exactly the datapath's choice. iptables: kube-proxy's chain of `statistic mode random probability 1/(n-i)` rules simulated with draws from the same generator. Chi-square test of equal shares (9 degrees of freedom, statrs). Removal: the last backend is removed; Maglev's table is rebuilt and every flow looked up again; for iptables a flow's endpoint is not a function of its 5-tuple, so a reconnection draws again from the 9 remaining rules (simulated), moving 1 - 1/n of the flows in expectation (theoretical). Established connections stay on their endpoint in both systems (conntrack); this figure is where the same 5-tuple lands after the change.",
+        "method": "100,000 5-tuples (random source address and port, one TCP frontend) from SplitMix64 with the seed above. Maglev: lb_userspace::maglev::populate over 10 backends (size 16381), slot = maglev_slot(flow_hash_v4(tuple), size), exactly the datapath's choice. iptables: kube-proxy's chain of `statistic mode random probability 1/(n-i)` rules simulated with draws from the same generator. nftables: kube-proxy's `numgen random mod 10 vmap` simulated as one uniform draw per connection from the same generator. Chi-square test of equal shares (9 degrees of freedom, statrs). Removal: the last backend is removed; Maglev's table is rebuilt and every flow looked up again; for iptables and nftables a flow's endpoint is not a function of its 5-tuple, so a reconnection draws again from the 9 remaining endpoints (simulated), moving 1 - 1/n of the flows in expectation (theoretical). Established connections stay on their endpoint in both systems (conntrack); this figure is where the same 5-tuple lands after the change.",
     })
 }
 

@@ -4,8 +4,18 @@
 //! through both nodes' NodePorts answered by pods on both nodes (the remote
 //! ones see the forwarding node's address: SNAT). Cleans up on success,
 //! failure and Ctrl-C.
+//!
+//! The one-node demo ends with the balancing policies side by side (issue
+//! 7): the same 30 requests under `maglev`, `round-robin` and
+//! `least-connection`, set by the Service annotation and a reload.
 
-use std::{collections::BTreeMap, path::PathBuf, process::Command, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, TcpStream},
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result, bail};
 
@@ -13,9 +23,10 @@ use crate::{
     cmd,
     lab::{
         self, Lab,
+        agent::SYNCED,
         client::{self, Tally},
         cluster::{self, ClusterLab, Endpoints, NodeId},
-        manifest::EchoOptions,
+        manifest::{self, EchoOptions},
         pins, server,
     },
     setup,
@@ -25,6 +36,11 @@ use crate::{
 const REQUESTS: usize = 30;
 /// The manifest the demo loads (three pods, 198.18.1.11–13).
 const MANIFEST: &str = "deploy/examples/demo.yaml";
+/// The Service annotation that chooses the balancing policy (the agent's
+/// `lb_userspace::translate::ANNOTATION_BALANCING`).
+const ANNOTATION_BALANCING: &str = "lb-agent.dev/balancing";
+/// The policies shown side by side, as the annotation spells them.
+const POLICIES: [&str; 3] = ["maglev", "round-robin", "least-connection"];
 
 /// The `demo` command. With `hold`, keeps the lab up after the traffic until
 /// Ctrl-C, so that the printed bpftool commands can be tried.
@@ -35,13 +51,8 @@ pub fn main(hold: bool) -> Result<()> {
         bail!("{} not found", manifest.display());
     }
 
-    if lab::interrupted() {
-        eprintln!("demo: second interrupt, exiting without cleanup");
-        std::process::exit(130);
-    }
-    eprintln!("demo: interrupted, cleaning up (Ctrl-C again to exit at once)");
     let mut lab = Lab::new(3)?;
-    lab.set_agent_bin(bin);
+    lab.set_agent_bin(bin.clone());
     println!(
         "demo: lab {} up: client 198.18.0.2 -> node {} (n0), pods {}",
         lab.prefix(),
@@ -52,8 +63,17 @@ pub fn main(hold: bool) -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    lab.start_agent_with(&manifest)?;
-    println!("demo: lb-agent synced {}", manifest.display());
+    // The agent reads the lab's manifest file, a copy of MANIFEST: the
+    // policy section rewrites it and reloads the agent (SIGHUP).
+    let text = std::fs::read_to_string(&manifest)
+        .with_context(|| format!("read {}", manifest.display()))?;
+    let copy = lab.write_manifest_text(&text)?.to_owned();
+    lab.start_agent()?;
+    println!(
+        "demo: lb-agent synced {} (copied to {})",
+        manifest.display(),
+        copy.display()
+    );
 
     let frontend = lab::frontend();
     let tcp =
@@ -93,6 +113,12 @@ pub fn main(hold: bool) -> Result<()> {
         Err(e) => println!("(bpftool failed: {e:#})"),
     }
 
+    let policy_failed = if lab::interrupted() {
+        0
+    } else {
+        policies(&mut lab, &bin)?
+    };
+
     if hold {
         println!("\ndemo: holding the lab; press Ctrl-C to clean up");
         while !lab::interrupted() {
@@ -104,11 +130,150 @@ pub fn main(hold: bool) -> Result<()> {
     if lab::interrupted() {
         bail!("interrupted");
     }
-    let failed = tcp.errors.len() + udp.errors.len();
+    let failed = tcp.errors.len() + udp.errors.len() + policy_failed;
     if failed > 0 {
-        bail!("{failed} of {} requests were not answered", 2 * REQUESTS);
+        bail!(
+            "{failed} of {} requests were not answered",
+            (2 + POLICIES.len()) * REQUESTS
+        );
     }
     Ok(())
+}
+
+/// The lab's `demo/echo` manifest with `pods` as endpoints and the Service
+/// annotated with the balancing policy `policy`.
+fn annotated_echo(pods: &[u8], policy: &str) -> Result<String> {
+    let endpoints: Vec<(Ipv4Addr, &str)> = pods
+        .iter()
+        .map(|&i| (lab::pod_addr(i), manifest::NODE_NAME))
+        .collect();
+    let mut yaml = manifest::echo_service_with(&endpoints, &EchoOptions::default());
+    // The Service comes first in the list: annotate its metadata.
+    let anchor = "  kind: Service\n  metadata:\n";
+    let at = yaml
+        .find(anchor)
+        .context("the echo manifest has no Service metadata")?
+        + anchor.len();
+    yaml.insert_str(
+        at,
+        &format!("    annotations:\n      {ANNOTATION_BALANCING}: {policy}\n"),
+    );
+    Ok(yaml)
+}
+
+/// The policy section: for each of [`POLICIES`], rewrites the manifest with
+/// the annotation, reloads the agent and sends the same [`REQUESTS`] HTTP
+/// requests (a new connection each); prints who answered, side by side,
+/// then `lb-agent flows` (with one connection held open) and `lb-agent
+/// backends`. Returns the number of requests not answered.
+fn policies(lab: &mut Lab, bin: &Path) -> Result<usize> {
+    let pods: Vec<u8> = lab.pods().keys().copied().collect();
+    let frontend = lab::frontend();
+    let mut runs: Vec<(&str, Tally)> = Vec::new();
+    for policy in POLICIES {
+        lab.write_manifest_text(&annotated_echo(&pods, policy)?)?;
+        lab.agent()?
+            .reload(SYNCED)
+            .with_context(|| format!("reload with {ANNOTATION_BALANCING}: {policy}"))?;
+        let tally =
+            lab.in_client(move || Tally::collect(REQUESTS, || client::http_get(frontend)))?;
+        runs.push((policy, tally));
+        if lab::interrupted() {
+            return Ok(0);
+        }
+    }
+
+    println!(
+        "\nBalancing policies: the same {REQUESTS} HTTP requests to {frontend} (a new connection \
+         each, one after the other) under each value of {ANNOTATION_BALANCING} on demo/echo \
+         (manifest rewritten, agent reloaded with SIGHUP); the pod that answered each, in order:"
+    );
+    let width = POLICIES.iter().map(|p| p.len()).max().unwrap_or(0);
+    for (policy, tally) in &runs {
+        let seq: Vec<&str> = tally
+            .answers
+            .iter()
+            .map(|a| match a.as_deref() {
+                Some(pod) => pod.strip_prefix("pod-").unwrap_or(pod),
+                None => "x",
+            })
+            .collect();
+        let totals: Vec<String> = pods
+            .iter()
+            .map(|&i| {
+                let label = lab::pod_label(i);
+                format!("{label}={:<2}", tally.count(&label))
+            })
+            .collect();
+        let failed = if tally.errors.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "  ({} failed, first: {})",
+                tally.errors.len(),
+                tally.errors[0]
+            )
+        };
+        println!(
+            "  {policy:<width$}  {}  | {}{failed}",
+            seq.join(" "),
+            totals.join(" ")
+        );
+    }
+    println!(
+        "Maglev hashes each new connection's 5-tuple (its fresh source port) into the table: \
+         even over many flows, but {REQUESTS} requests land like dice. Round-robin takes the pods \
+         in turn, exactly {} each. Least-connection picks the pod with the fewest open flows; \
+         these requests come one after the other, so every pod has 0 open when a request \
+         arrives and the tie goes to the pod Maglev would pick: for sequential requests it \
+         looks like Maglev (it differs once connections overlap, as with long sessions).",
+        REQUESTS / pods.len().max(1)
+    );
+
+    // One connection held open, so that `lb-agent flows` has a flow to show.
+    let held: Result<TcpStream> = lab
+        .in_client(move || TcpStream::connect_timeout(&frontend, client::TIMEOUT))?
+        .context("connect");
+    std::thread::sleep(Duration::from_millis(100));
+    for args in [
+        &["flows", "--service", "demo/echo:http"][..],
+        &["backends", "--service", "demo/echo:http"][..],
+    ] {
+        println!(
+            "\n$ lb-agent {} --bpffs-root {}",
+            args.join(" "),
+            lab.bpffs_root().display()
+        );
+        let mut c = Command::new(bin);
+        c.args(args).arg("--bpffs-root").arg(lab.bpffs_root());
+        match cmd::output(&mut c) {
+            Ok(out) => print!("{out}"),
+            Err(e) => println!("(lb-agent failed: {e:#})"),
+        }
+    }
+    // What the open-flow counts say, from the same maps.
+    let mut c = Command::new(bin);
+    c.args(["backends", "--service", "demo/echo:http", "--json"])
+        .arg("--bpffs-root")
+        .arg(lab.bpffs_root());
+    let open: Option<u64> = cmd::output(&mut c)
+        .ok()
+        .and_then(|out| serde_json::from_str::<Vec<serde_json::Value>>(&out).ok())
+        .map(|rows| rows.iter().filter_map(|r| r["open_flows"].as_u64()).sum());
+    match (&held, open) {
+        (Ok(_), Some(1)) => println!(
+            "(the one open flow is a connection held open for this listing: the {} HTTP \
+             requests above had all ended, so their counts were back to 0)",
+            POLICIES.len() * REQUESTS
+        ),
+        (Ok(_), Some(n)) => println!(
+            "({n} flows counted open: one held for this listing, the others not yet ended)"
+        ),
+        (Ok(_), None) => {}
+        (Err(e), _) => println!("(could not hold a connection open: {e:#})"),
+    }
+    drop(held);
+    Ok(runs.iter().map(|(_, t)| t.errors.len()).sum())
 }
 
 /// The Ctrl-C handler, the root check, set-up and the agent build shared by

@@ -414,7 +414,62 @@ pub fn markdown(r: &Value) -> String {
         dp["maglev_table_size"]
     );
 
-    // 1b. The forwarding path (remote backends, issue 4).
+    // 1a. Issue 8: the endpoints axis.
+    let ep = &dp["endpoints_axis"];
+    if ep.is_object() {
+        let _ = writeln!(m, "### Along the endpoints axis (issue 8)\n");
+        let _ = writeln!(
+            m,
+            "| endpoints | non-service | established | new flow (net) | new flow (raw) | TC reply |\n\
+             | ---: | ---: | ---: | ---: | ---: | ---: |"
+        );
+        for row in ep["rows"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                m,
+                "| {} | {} ns | {} ns | {} ns | {} ns | {} ns |",
+                thousands(row["endpoints"].as_u64().unwrap_or(0)),
+                num(&row["non_service_ns"], 1),
+                num(&row["established_ns"], 1),
+                num(&row["new_flow_ns"], 1),
+                num(&row["new_flow_raw_ns"], 1),
+                num(&row["tc_reply_ns"], 1),
+            );
+        }
+        let sp = &ep["spread_pct"];
+        let _ = writeln!(
+            m,
+            "\nChange from {} to {} endpoints: established {}%, new flow {}% (target ±{}%). {}.\n",
+            sp["from_endpoints"],
+            sp["to_endpoints"],
+            num(&sp["established_ns"], 1),
+            num(&sp["new_flow_ns"], 1),
+            targets::ENDPOINTS_SPREAD_PCT,
+            ep["method"].as_str().unwrap_or("?"),
+        );
+    }
+
+    // 1b. Issue 7: a new flow's cost under each balancing policy.
+    let pol = &dp["policy_new_flow"];
+    if pol.is_object() {
+        let _ = writeln!(m, "### A new flow under each balancing policy (issue 7)\n");
+        let _ = writeln!(
+            m,
+            "| maglev (10) | round-robin (10) | least-connection (8) | least-connection (64) | least-connection (256: two candidates) |\n\
+             | ---: | ---: | ---: | ---: | ---: |\n| {} ns | {} ns | {} ns | {} ns | {} ns |\n",
+            num(&pol["maglev_ns"], 1),
+            num(&pol["round_robin_ns"], 1),
+            num(&pol["least_conn_8_ns"], 1),
+            num(&pol["least_conn_64_ns"], 1),
+            num(&pol["least_conn_256_ns"], 1),
+        );
+        let _ = writeln!(
+            m,
+            "Net of call overhead. {}\n",
+            pol["method"].as_str().unwrap_or("?")
+        );
+    }
+
+    // 1c. The forwarding path (remote backends, issue 4).
     let sn = &r["snat"];
     if sn.is_object() {
         let _ = writeln!(m, "### Forwarding to another node (SNAT path)\n");
@@ -627,6 +682,66 @@ fn closing_note(r: &Value, rows: &[(String, String, Option<bool>)]) -> String {
              snapshot, translate and plan every service again. Incremental work \
              (translate and plan only the service whose objects changed, keep the \
              translation of the others) would make it independent of the cluster's size."
+                .to_string(),
+        );
+    }
+    let pass_fraction = ["services_axis", "endpoints_axis"]
+        .iter()
+        .flat_map(|axis| {
+            r["short_connections"][*axis]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .filter(|row| row["system"] == "nolb_xdp_pass")
+        .filter_map(|row| f(&row["fraction_of_nolb"]))
+        .collect::<Vec<_>>();
+    if missed("no-load-balancer rate") || missed("short connections at") {
+        let pass = if pass_fraction.is_empty() {
+            "The full run adds a row with a pass-only XDP program on the node's veth \
+             (`nolb_xdp_pass`) to separate the two costs."
+                .to_string()
+        } else {
+            format!(
+                "The row with no balancer but a pass-only XDP program on the node's veth \
+                 (`nolb_xdp_pass`) reaches {} of the no-LB rate: that much is lost by \
+                 attaching any XDP program to a veth, before our program does anything.",
+                pass_fraction
+                    .iter()
+                    .map(|x| format!("{x:.2}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        notes.push(format!(
+            "- **Short connections below the targets.** On this lab the node's client-side \
+             interface is a veth. Native XDP on a veth runs in the veth's NAPI poll and \
+             must first turn each skb into an XDP buffer: a TCP segment is a clone (TCP \
+             keeps the original for retransmission) with less than 256 bytes of headroom, \
+             so the veth copies every packet into a new page, and the work moves from the \
+             sender's context to the NAPI poll. {pass} kube-proxy's rules run in the \
+             normal skb path and pay nothing of the kind. On a physical NIC with a native \
+             XDP driver there is no copy; there the per-packet figures of section 1 (tens \
+             to hundreds of ns) are the balancer's cost. Two ways to make the veth case \
+             fast: attach the same program at TC ingress on veth-like devices (no \
+             conversion), or measure on a NIC. What the counters of this project's rows \
+             say (section 4): {}.",
+            xdp_limits(r)
+        ));
+    }
+    if missed("ready dataplane") || missed("one added endpoint") {
+        notes.push(
+            "- **Control plane above the targets.** A profile of `lb-agent` filling \
+             10,000 services × 10 endpoints (perf, this machine) spends about 27% in the \
+             kernel copying 64 KiB Maglev values (`LB_MAGLEV` holds a fixed 16,381-slot \
+             table per service whatever its size), about 22% populating 16,381-slot \
+             tables for 10 backends, and most of the rest parsing 17 MB of manifests and \
+             translating and planning every service. One added endpoint re-reads the \
+             file and re-plans every service (SIGHUP), or, from Kubernetes, re-plans \
+             every service from the watch cache. What would fix it: a table size per \
+             service (the smallest prime ≥ 100 × backends, 1,021 for 10), stored in a \
+             size-class map (4 KiB values) or an array of maps; and translating and \
+             planning only the services whose objects changed."
                 .to_string(),
         );
     }
@@ -920,4 +1035,29 @@ fn control_plane_section(m: &mut String, r: &Value) {
         );
     }
     let _ = writeln!(m, "\nMethod: {}\n", cp["method"].as_str().unwrap_or("?"));
+}
+
+/// The limits of this project's max-rate rows, grouped: "CPU (...) at 1
+/// services, …".
+fn xdp_limits(r: &Value) -> String {
+    let mut out = Vec::new();
+    for (axis, field) in [
+        ("services_axis", "services"),
+        ("endpoints_axis", "endpoints"),
+    ] {
+        for row in r["short_connections"][axis]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            if row["system"] == "xdp" {
+                out.push(format!(
+                    "{} {field}: {}",
+                    thousands(row[field].as_u64().unwrap_or(0)),
+                    limit_of(row)
+                ));
+            }
+        }
+    }
+    out.join("; ")
 }
