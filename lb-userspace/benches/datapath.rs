@@ -612,8 +612,13 @@ impl Setup {
     /// [`Setup::new`] with the `n` services annotated with the balancing
     /// policy `policy` (`None`: no annotation).
     fn with_policy(n: usize, per: usize, policy: Option<&'static str>) -> Result<Self, String> {
+        // A serial number too: the services axis and the endpoints axis both
+        // have a 1 × 10 point, and each setup reads its counters back from
+        // its own pins.
+        static SERIAL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let serial = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let root = PinRoot(PathBuf::from(format!(
-            "/sys/fs/bpf/lb-bench-{}-{n}-{per}{}",
+            "/sys/fs/bpf/lb-bench-{}-{serial}-{n}-{per}{}",
             std::process::id(),
             policy.map(|p| format!("-{p}")).unwrap_or_default()
         )));
@@ -859,8 +864,13 @@ impl Setup {
                 && s1.pass_not_service - s0.pass_not_service == u64::from(repeat),
             || {
                 format!(
-                    "non-service packet: verdict {}, bytes changed or not counted as pass_not_service",
-                    res.return_value
+                    "non-service packet ({} services × {} endpoints): verdict {}, bytes {}, \
+                     pass_not_service +{} for repeat {repeat}",
+                    self.n,
+                    self.per,
+                    res.return_value,
+                    if out == other { "unchanged" } else { "CHANGED" },
+                    s1.pass_not_service - s0.pass_not_service
                 )
             },
         )?;
