@@ -50,9 +50,11 @@ enum Cmd {
     /// Build the container image `localhost/lb-agent:<version>`: a static
     /// (musl) lb-agent in an image `FROM scratch`, with buildah.
     Image,
-    /// Benchmarks (issue 5, as far as built): XDP/TC per-packet cost at 1,
-    /// 1,000 and 10,000 services, Maglev spread against iptables' random
-    /// rules, sync latency of the Kubernetes agent. Needs root. Writes
+    /// Benchmarks of issues 5, 7 and 8: XDP/TC per-packet cost along
+    /// services and endpoints, Maglev spread against kube-proxy's random
+    /// choices, sync latency of the Kubernetes agent, short connections and
+    /// UDP through this project, kube-proxy's iptables and nftables modes
+    /// and no load balancer, control-plane times. Needs root. Writes
     /// target/bench/results.json.
     Bench {
         /// 1 and 1,000 services, 100 changes: under two minutes once built.
@@ -62,6 +64,10 @@ enum Cmd {
         /// this directory (e.g. docs/).
         #[arg(long, value_name = "DIR")]
         out: Option<std::path::PathBuf>,
+        /// Measure nothing: re-render the docs of `--out` from this results
+        /// file (after a change to the report's text).
+        #[arg(long, value_name = "JSON", requires = "out")]
+        render: Option<std::path::PathBuf>,
     },
 }
 
@@ -80,7 +86,12 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Image => xtask::image::main(),
-        Cmd::Bench { quick, out } => xtask::bench::main(quick, out),
+        Cmd::Bench {
+            out: Some(out),
+            render: Some(json),
+            ..
+        } => xtask::bench::render(&json, &out),
+        Cmd::Bench { quick, out, .. } => xtask::bench::main(quick, out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -120,6 +120,17 @@ pub fn main(quick: bool, out: Option<PathBuf>) -> Result<()> {
     Ok(())
 }
 
+/// `bench --render JSON --out DIR`: the docs of an earlier run, re-rendered.
+pub fn render(json: &Path, out: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(json).with_context(|| format!("read {}", json.display()))?;
+    let mut results: Value =
+        serde_json::from_str(&text).with_context(|| format!("parse {}", json.display()))?;
+    results["targets"] = verdicts(&results);
+    write_docs(&results, out)?;
+    print_summary(&results);
+    Ok(())
+}
+
 /// Runs every measurement and returns the results document.
 pub fn run(quick: bool) -> Result<Value> {
     if !crate::is_root() {

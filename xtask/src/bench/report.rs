@@ -616,19 +616,19 @@ fn closing_note(r: &Value, rows: &[(String, String, Option<bool>)]) -> String {
     };
     if missed("XDP new flow ≤") {
         notes.push(
-            "- **New flow above 400 ns** (about twice the target, flat across service \
-             counts). A new flow adds to the established path a Maglev slot read and two \
-             inserts into the LRU conntrack map `LB_CT_V4` (the forward and the reply \
-             entry); the hit path costs about 100 ns, so most of the rest is likely the \
-             two LRU inserts (not profiled yet; the map already keeps per-CPU LRU lists, \
-             `BPF_F_NO_COMMON_LRU`, which took about 10% off). Also, with repeat = 1 each \
-             call runs cold (caches, branch predictors), which subtracting the call \
-             overhead does not remove. To try: a batch measurement (BPF_PROG_TEST_RUN \
-             live-frames mode, or a traffic generator) to tell cold-call cost from the \
-             inserts; then one conntrack insert per flow (a reply key derivable from the \
-             forward entry, or the reply entry written by TC from the forward entry on \
-             the first reply, which needs the forward key to be recoverable from the \
-             reply)."
+            "- **New flow far above 400 ns.** Before the balancing policies (issue 7) a \
+             new flow measured 760-990 ns here: a Maglev slot read and two inserts into \
+             the LRU conntrack map (forward and reply entries). The exact open-flow \
+             counts added a third insert, into `LB_OPEN_FLOWS_V4`, a hash that is not \
+             preallocated so that an entry's memory stays valid while another CPU swaps \
+             its `open` flag: every new flow now allocates kernel memory, plus two \
+             atomic operations, and the figure roughly doubled (about 1.8-2.0 µs, flat \
+             across services and endpoints). What would bring it down: a preallocated \
+             registry with a generation number in the value (so a reused entry cannot be \
+             mistaken for the old one), or the counts kept in the conntrack value \
+             itself with one insert for both directions; and, as before, one conntrack \
+             insert per flow instead of two. With repeat = 1 each call also runs cold, \
+             which subtracting the call overhead does not remove."
                 .to_string(),
         );
     }
