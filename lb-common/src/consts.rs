@@ -6,7 +6,7 @@
 /// Layout version of the pinned maps. Pins live under
 /// `<bpffs-root>/v<MAP_VERSION>/` so that an agent with a new layout never
 /// reuses maps written with an old one.
-pub const MAP_VERSION: u32 = 2;
+pub const MAP_VERSION: u32 = 3;
 
 /// Maximum number of service ports (one Maglev table each). Ids run from 1;
 /// 0 means "none".
@@ -109,6 +109,14 @@ pub const CT_DIR_SNAT: u8 = 2;
 /// [`crate::maps::CtValueV4::flags`]: the flow goes to a remote backend,
 /// source-NATed to `snat_addr:snat_port_be`.
 pub const CT_F_SNAT: u8 = 1;
+/// [`crate::maps::CtValueV4::flags`]: a local flow whose client port was
+/// changed because another flow from the same client endpoint already
+/// reaches the same backend through another frontend (both would look the
+/// same to the pod). Forward entry: `snat_addr:snat_port_be` is the source
+/// the packets leave with (the client's address, the new port). Reply entry:
+/// `snat_addr:snat_port_be` is the client's own endpoint, restored as the
+/// reply's destination.
+pub const CT_F_PORT_REMAP: u8 = 2;
 
 /// [`crate::maps::CtValueV4::tcp_flags`]: a SYN was seen from the client.
 pub const CT_TCP_SYN: u8 = 1;
@@ -118,6 +126,11 @@ pub const CT_TCP_FIN_FWD: u8 = 2;
 pub const CT_TCP_FIN_REPLY: u8 = 4;
 /// [`crate::maps::CtValueV4::tcp_flags`]: either side sent RST.
 pub const CT_TCP_RST: u8 = 8;
+/// [`crate::maps::CtValueV4::tcp_flags`] (forward entry): the client sent an
+/// ACK without SYN or RST, so the handshake completed (netfilter's
+/// ESTABLISHED). A flow without it is half-open and ages out after the SYN
+/// timeout.
+pub const CT_TCP_ACK: u8 = 16;
 
 /// [`crate::maps::CtValueV4::reason`]: backend taken from the Maglev slot of
 /// the flow hash when the flow was new.
@@ -154,6 +167,12 @@ pub const NAT_DEFAULT_CAPACITY: u32 = 131_072;
 /// Ports tried (from the flow hash on) before a new forwarded flow is
 /// dropped as `snat_exhausted`.
 pub const SNAT_PORT_TRIES: u32 = 16;
+/// Client ports tried (from the flow hash on, in `PORT_REMAP_LO..=65535`)
+/// for a local flow whose reply key is taken by another live flow, before
+/// the packet is dropped as `drop_reply_clash`.
+pub const PORT_REMAP_TRIES: u32 = 16;
+/// First client port handed out by a port remap.
+pub const PORT_REMAP_LO: u16 = 1024;
 
 /// Capacity of the session-affinity table (clients × services).
 pub const AFFINITY_CAPACITY: u32 = 65_536;

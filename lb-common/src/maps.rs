@@ -145,9 +145,14 @@ pub struct CtValueV4 {
     /// Why this backend: `REASON_*`.
     pub reason: u8,
     /// Forward entry of a flow to a remote backend (`CT_F_SNAT`): the source
-    /// address the packets leave with (this node's), wire order.
+    /// address the packets leave with (this node's). Forward entry with
+    /// `CT_F_PORT_REMAP`: the client's address (the source keeps it, only
+    /// the port changes). Reply entry with `CT_F_PORT_REMAP`: the client's
+    /// address, restored as the reply's destination. Wire order.
     pub snat_addr: [u8; 4],
-    /// Source port paired with `snat_addr`, network byte order.
+    /// Port paired with `snat_addr` (forward: the source port the packets
+    /// leave with; reply with `CT_F_PORT_REMAP`: the client's own port),
+    /// network byte order.
     pub snat_port_be: u16,
     /// `CT_F_*` bits.
     pub flags: u8,
@@ -421,11 +426,15 @@ pub struct Stats {
     /// New flows not counted: the open-flow registry was full (the flow is
     /// still forwarded and pinned).
     pub flows_untracked: u64,
+    /// New local flows dropped: the client endpoint already reaches the
+    /// backend through another frontend and no other client port was free
+    /// (`PORT_REMAP_TRIES` tried).
+    pub drop_reply_clash: u64,
 }
 
 impl Stats {
     /// Every counter with its field name, in declaration order.
-    pub fn named(&self) -> [(&'static str, u64); 28] {
+    pub fn named(&self) -> [(&'static str, u64); 29] {
         [
             ("xdp_packets", self.xdp_packets),
             ("pass_not_ipv4", self.pass_not_ipv4),
@@ -455,6 +464,7 @@ impl Stats {
             ("flows_opened", self.flows_opened),
             ("flows_closed", self.flows_closed),
             ("flows_untracked", self.flows_untracked),
+            ("drop_reply_clash", self.drop_reply_clash),
         ]
     }
 
@@ -488,6 +498,7 @@ impl Stats {
         self.flows_opened += other.flows_opened;
         self.flows_closed += other.flows_closed;
         self.flows_untracked += other.flows_untracked;
+        self.drop_reply_clash += other.drop_reply_clash;
     }
 }
 
@@ -518,7 +529,7 @@ const _: () = assert!(size_of::<Counters>() == 40);
 const _: () = assert!(size_of::<AffinityKeyV4>() == 8);
 const _: () = assert!(size_of::<AffinityValue>() == 16);
 const _: () = assert!(size_of::<SrcRangeV4>() == 8);
-const _: () = assert!(size_of::<Stats>() == 28 * 8);
+const _: () = assert!(size_of::<Stats>() == 29 * 8);
 
 #[cfg(feature = "user")]
 mod pod {

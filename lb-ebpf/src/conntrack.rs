@@ -2,10 +2,13 @@
 //! and remembers how to undo the DNAT on replies (reply entry, looked up by
 //! TC egress). Both entries are written together when a flow is pinned.
 
-use aya_ebpf::{bindings::BPF_ANY, helpers::generated::bpf_ktime_get_coarse_ns};
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    helpers::generated::bpf_ktime_get_coarse_ns,
+};
 use lb_common::{
-    BACKEND_FREE, BackendV4, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_SNAT, CT_TCP_FIN_FWD,
-    CT_TCP_FIN_REPLY, CT_TCP_RST, CT_TCP_SYN, CtKeyV4, CtValueV4,
+    BackendV4, CT_DIR_FORWARD, CT_F_PORT_REMAP, CT_F_SNAT, CT_TCP_FIN_FWD, CT_TCP_FIN_REPLY,
+    CT_TCP_RST, CT_TCP_SYN, CtKeyV4, CtValueV4, PORT_REMAP_LO, PORT_REMAP_TRIES, flow,
 };
 
 use crate::{
@@ -27,24 +30,19 @@ pub fn now() -> u64 {
 /// The forward key of `pkt` (client → frontend).
 #[inline(always)]
 pub fn forward_key(pkt: &PacketV4) -> CtKeyV4 {
-    CtKeyV4 {
-        src_addr: pkt.src,
-        dst_addr: pkt.dst,
-        src_port_be: pkt.sport_be,
-        dst_port_be: pkt.dport_be,
-        proto: pkt.proto,
-        dir: CT_DIR_FORWARD,
-        _pad: [0; 2],
-    }
+    packet_key(pkt, CT_DIR_FORWARD)
 }
 
-/// The reply key of `pkt` as TC egress sees it (backend → client).
+/// The key of `pkt` as it is, in direction `dir` (a reply as TC egress
+/// sees it: `CT_DIR_REPLY`; a forwarded flow's reply: `CT_DIR_SNAT`).
 #[inline(always)]
-pub fn reply_key(pkt: &PacketV4) -> CtKeyV4 {
-    CtKeyV4 {
-        dir: CT_DIR_REPLY,
-        ..forward_key(pkt)
-    }
+pub fn packet_key(pkt: &PacketV4, dir: u8) -> CtKeyV4 {
+    flow::key(
+        (pkt.src, pkt.sport_be),
+        (pkt.dst, pkt.dport_be),
+        pkt.proto,
+        dir,
+    )
 }
 
 /// What the forward lookup found.
@@ -53,8 +51,8 @@ pub enum Lookup {
     Hit(CtValueV4, BackendV4),
     /// No entry: a new flow.
     Miss,
-    /// An entry whose backend is gone (freed, or reused by another service):
-    /// the flow must be re-balanced.
+    /// An entry whose backend is gone (freed, moved to another service, or
+    /// its id reused for another pod): the flow must be re-balanced.
     Stale,
 }
 
@@ -68,13 +66,10 @@ pub fn lookup_forward(key: &CtKeyV4, service_id: u32, tcp_flags: u8, now: u64) -
     // SAFETY: LRU entries stay valid for the program's run (RCU); concurrent
     // writers only touch flags and times, for which a lost update is harmless.
     let ct = unsafe { &mut *ct };
-    if ct.service_id != service_id {
-        return Lookup::Stale;
-    }
     let Some(be) = LB_BACKENDS_V4.get(ct.backend_id) else {
         return Lookup::Stale;
     };
-    if be.state == BACKEND_FREE || be.service_id != service_id {
+    if !flow::pins(ct, be, service_id) {
         return Lookup::Stale;
     }
     touch(ct, tcp_flags, now);
@@ -103,13 +98,34 @@ pub fn touch(ct: &mut CtValueV4, flags: u8, now: u64) {
     touch_fields(&mut ct.tcp_flags, &mut ct.last_seen_ns, flags, now);
 }
 
-/// Pins the flow of `pkt` to backend `id`: writes the forward entry and,
-/// for a local backend (`snat` is `None`), the reply entry the TC program
-/// uses. A remote backend's replies come back through `LB_NAT_V4` instead.
-/// Returns false if an insert failed.
+/// What [`pin`] did.
+pub enum Pinned {
+    /// Both entries written; `Some` is the source the flow's packets must
+    /// leave with (a remapped client port).
+    Yes(Option<([u8; 4], u16)>),
+    /// An insert failed (the flow is still forwarded, not pinned).
+    InsertFailed,
+    /// Another live flow from this client endpoint already reaches this
+    /// backend through another frontend, and no other client port was free.
+    ReplyClash,
+}
+
+/// Pins the flow of `pkt` (flow hash `hash`) to backend `id`: writes the
+/// forward entry and, for a local backend (`snat` is `None`), the reply
+/// entry the TC program uses. A remote backend's replies come back through
+/// `LB_NAT_V4` instead.
+///
+/// The reply key is what the pod sees (backend, client endpoint), which does
+/// not name the frontend: one client endpoint reaching the same pod through
+/// two frontends (node IP and LB IP, unconnected UDP, port reuse) would share
+/// it, and the last writer would take the other flow's replies. When the
+/// key belongs to another live flow, this flow's client port is remapped, as
+/// netfilter's NAT does on a tuple clash, so the pod sees two flows.
 #[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "one flow's pinning inputs")]
 pub fn pin(
     pkt: &PacketV4,
+    hash: u32,
     service_id: u32,
     id: u32,
     be: &BackendV4,
@@ -117,50 +133,98 @@ pub fn pin(
     choice: u32,
     snat: Option<([u8; 4], u16)>,
     now: u64,
-) -> bool {
-    let (snat_addr, snat_port_be, flags) = match snat {
-        Some((a, p)) => (a, p, CT_F_SNAT),
-        None => ([0; 4], 0, 0),
-    };
-    let fwd = CtValueV4 {
+) -> Pinned {
+    let mut fwd = CtValueV4 {
         backend_id: id,
         service_id,
         nat_addr: be.addr,
         nat_port_be: be.port_be,
         tcp_flags: pkt.tcp_flags,
         reason,
-        snat_addr,
-        snat_port_be,
-        flags,
+        snat_addr: [0; 4],
+        snat_port_be: 0,
+        flags: 0,
         _pad: 0,
         created_ns: now,
         last_seen_ns: now,
         choice,
         _pad2: 0,
     };
-    if snat.is_some() {
-        return LB_CT_V4
-            .insert(forward_key(pkt), fwd, BPF_ANY as u64)
-            .is_ok();
+    let fkey = forward_key(pkt);
+    if let Some((a, p)) = snat {
+        fwd.flags = CT_F_SNAT;
+        fwd.snat_addr = a;
+        fwd.snat_port_be = p;
+        return if LB_CT_V4.insert(fkey, fwd, BPF_ANY as u64).is_ok() {
+            Pinned::Yes(None)
+        } else {
+            Pinned::InsertFailed
+        };
     }
-    let rkey = CtKeyV4 {
-        src_addr: be.addr,
-        dst_addr: pkt.src,
-        src_port_be: be.port_be,
-        dst_port_be: pkt.sport_be,
-        proto: pkt.proto,
-        dir: CT_DIR_REPLY,
-        _pad: [0; 2],
-    };
+    let backend = (be.addr, be.port_be);
+    let client = (pkt.src, pkt.sport_be);
     let rev = CtValueV4 {
         nat_addr: pkt.dst,
         nat_port_be: pkt.dport_be,
         tcp_flags: 0,
+        snat_addr: pkt.src,
+        snat_port_be: pkt.sport_be,
         ..fwd
     };
-    let a = LB_CT_V4.insert(rkey, rev, BPF_ANY as u64).is_ok();
-    let b = LB_CT_V4
-        .insert(forward_key(pkt), fwd, BPF_ANY as u64)
-        .is_ok();
-    a && b
+    let rkey = flow::local_reply_key(backend, client, pkt.proto);
+    let mut remap = None;
+    if reply_taken(&rkey, pkt, backend) {
+        let mut i = 0;
+        while i < PORT_REMAP_TRIES {
+            let span = (u16::MAX - PORT_REMAP_LO) as u32 + 1;
+            let port = (PORT_REMAP_LO + (hash.wrapping_add(i) % span) as u16).to_be();
+            let key = flow::local_reply_key(backend, (pkt.src, port), pkt.proto);
+            let value = CtValueV4 {
+                flags: CT_F_PORT_REMAP,
+                ..rev
+            };
+            if LB_CT_V4.insert(key, value, BPF_NOEXIST as u64).is_ok() {
+                remap = Some((pkt.src, port));
+                break;
+            }
+            i += 1;
+        }
+        if remap.is_none() {
+            return Pinned::ReplyClash;
+        }
+    }
+    let reply_ok = remap.is_some() || LB_CT_V4.insert(rkey, rev, BPF_ANY as u64).is_ok();
+    if let Some((a, p)) = remap {
+        fwd.flags = CT_F_PORT_REMAP;
+        fwd.snat_addr = a;
+        fwd.snat_port_be = p;
+    }
+    let fwd_ok = LB_CT_V4.insert(fkey, fwd, BPF_ANY as u64).is_ok();
+    if reply_ok && fwd_ok {
+        Pinned::Yes(remap)
+    } else {
+        Pinned::InsertFailed
+    }
+}
+
+/// True if reply key `rkey` belongs to another live flow: its entry names
+/// another frontend, and that flow's forward entry still pins `backend`
+/// through this reply key. An entry left by a flow that ended, moved or
+/// was evicted is not live and is overwritten.
+#[inline(always)]
+fn reply_taken(rkey: &CtKeyV4, pkt: &PacketV4, backend: ([u8; 4], u16)) -> bool {
+    // SAFETY: read-only copies of LRU values.
+    let Some(r) = (unsafe { LB_CT_V4.get(rkey) }).copied() else {
+        return false;
+    };
+    if r.nat_addr == pkt.dst && r.nat_port_be == pkt.dport_be {
+        return false; // this flow's own reply entry
+    }
+    let other = flow::forward_key_of_reply(rkey, &r);
+    let Some(f) = (unsafe { LB_CT_V4.get(&other) }).copied() else {
+        return false;
+    };
+    (f.nat_addr, f.nat_port_be) == backend
+        && f.flags & CT_F_SNAT == 0
+        && flow::partner_key(&other, &f) == *rkey
 }

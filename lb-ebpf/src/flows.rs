@@ -18,8 +18,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    CT_DIR_FORWARD, CT_DIR_REPLY, CT_DIR_SNAT, CT_F_SNAT, CT_TCP_FIN_FWD, CT_TCP_FIN_REPLY,
-    CtKeyV4, CtValueV4, FLOW_CLOSED, FLOW_OPEN, OpenFlowV4, Stats,
+    CT_F_SNAT, CT_TCP_FIN_FWD, CT_TCP_FIN_REPLY, CtKeyV4, CtValueV4, FLOW_CLOSED, FLOW_OPEN,
+    OpenFlowV4, Stats, flow,
 };
 
 use crate::{
@@ -122,30 +122,13 @@ pub fn close_counted(key: &CtKeyV4, st: &mut Stats) {
 /// a forwarded flow), the flow is over.
 #[inline(always)]
 pub fn client_fin(key: &CtKeyV4, ct: &CtValueV4, st: &mut Stats) {
+    let partner = flow::partner_key(key, ct);
     let reply_fin = if ct.flags & CT_F_SNAT != 0 {
-        let nkey = CtKeyV4 {
-            src_addr: ct.nat_addr,
-            dst_addr: ct.snat_addr,
-            src_port_be: ct.nat_port_be,
-            dst_port_be: ct.snat_port_be,
-            proto: key.proto,
-            dir: CT_DIR_SNAT,
-            _pad: [0; 2],
-        };
         // SAFETY: read-only copy of one field.
-        unsafe { LB_NAT_V4.get(&nkey) }.map(|n| n.tcp_flags)
+        unsafe { LB_NAT_V4.get(&partner) }.map(|n| n.tcp_flags)
     } else {
-        let rkey = CtKeyV4 {
-            src_addr: ct.nat_addr,
-            dst_addr: key.src_addr,
-            src_port_be: ct.nat_port_be,
-            dst_port_be: key.src_port_be,
-            proto: key.proto,
-            dir: CT_DIR_REPLY,
-            _pad: [0; 2],
-        };
         // SAFETY: read-only copy of one field.
-        unsafe { LB_CT_V4.get(&rkey) }.map(|r| r.tcp_flags)
+        unsafe { LB_CT_V4.get(&partner) }.map(|r| r.tcp_flags)
     };
     if reply_fin.is_some_and(|f| f & CT_TCP_FIN_REPLY != 0) {
         close_counted(key, st);
@@ -160,27 +143,6 @@ pub fn pod_fin(fkey: &CtKeyV4, st: &mut Stats) {
     let fwd = unsafe { LB_CT_V4.get(fkey) }.map(|c| c.tcp_flags);
     if fwd.is_some_and(|f| f & CT_TCP_FIN_FWD != 0) {
         close_counted(fkey, st);
-    }
-}
-
-/// The forward key of the flow whose reply is `(src → dst)` and whose
-/// frontend is `frontend`: client → frontend.
-#[inline(always)]
-pub fn forward_key_of_reply(
-    client: [u8; 4],
-    client_port_be: u16,
-    frontend: [u8; 4],
-    frontend_port_be: u16,
-    proto: u8,
-) -> CtKeyV4 {
-    CtKeyV4 {
-        src_addr: client,
-        dst_addr: frontend,
-        src_port_be: client_port_be,
-        dst_port_be: frontend_port_be,
-        proto,
-        dir: CT_DIR_FORWARD,
-        _pad: [0; 2],
     }
 }
 

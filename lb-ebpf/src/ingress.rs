@@ -11,11 +11,11 @@ use aya_ebpf::{
 use lb_common::{
     BACKEND_F_LOCAL, CT_F_SNAT, CT_TCP_FIN_FWD, CT_TCP_RST, CT_TCP_SYN, Counters, IPPROTO_TCP,
     REASON_AFFINITY, REASON_REBALANCED, SVC_F_DROP_NO_BACKEND, SVC_F_SOURCE_RANGES, ServiceValue,
-    SrcRangeV4, Stats, hash::flow_hash_v4,
+    SrcRangeV4, Stats, flow, hash::flow_hash_v4,
 };
 
 use crate::{
-    conntrack::{self, Lookup},
+    conntrack::{self, Lookup, Pinned},
     flows, forward,
     maps::{LB_BE_COUNTERS, LB_FRONTENDS_V4, LB_SRC_RANGE_V4, LB_STATS, LB_SVC_COUNTERS},
     nat,
@@ -67,10 +67,12 @@ pub fn handle(ctx: &XdpContext) -> u32 {
     let now = conntrack::now();
     let fkey = conntrack::forward_key(&pkt);
     let lookup = conntrack::lookup_forward(&fkey, svc.service_id, pkt.tcp_flags, now);
-    let (id, be, snat, new_flow) = match lookup {
+    // `src`: the source the packet leaves with, when rewritten (SNAT to a
+    // remote backend, or a remapped client port); `remote`: forwarded from
+    // here rather than passed to the kernel.
+    let (id, be, src, remote, new_flow) = match lookup {
         Lookup::Hit(ct, be) if ct.flags & CT_F_SNAT != 0 || be.flags & BACKEND_F_LOCAL != 0 => {
             st.established += 1;
-            let snat = (ct.flags & CT_F_SNAT != 0).then_some((ct.snat_addr, ct.snat_port_be));
             // Open-flow counts: a RST ends the flow, a FIN ends it once the
             // pod's FIN was seen too, a SYN (re)opens it (idempotent).
             if pkt.tcp_flags & CT_TCP_RST != 0 {
@@ -80,7 +82,14 @@ pub fn handle(ctx: &XdpContext) -> u32 {
             } else if pkt.tcp_flags & CT_TCP_SYN != 0 {
                 flows::open(&fkey, ct.backend_id, svc.service_id, now, st);
             }
-            (ct.backend_id, be, snat, false)
+            let remote = ct.flags & CT_F_SNAT != 0;
+            (
+                ct.backend_id,
+                be,
+                flow::rewritten_source(&ct),
+                remote,
+                false,
+            )
         }
         _ => {
             // One hash per new flow: Maglev's slot and the SNAT port.
@@ -114,8 +123,9 @@ pub fn handle(ctx: &XdpContext) -> u32 {
                 };
                 Some(ep)
             };
-            if !conntrack::pin(
+            let pinned = conntrack::pin(
                 &pkt,
+                hash,
                 svc.service_id,
                 choice.id,
                 &be,
@@ -123,9 +133,18 @@ pub fn handle(ctx: &XdpContext) -> u32 {
                 choice.detail,
                 snat,
                 now,
-            ) {
-                st.ct_insert_failed += 1;
-            }
+            );
+            let src = match pinned {
+                Pinned::Yes(remap) => snat.or(remap),
+                Pinned::InsertFailed => {
+                    st.ct_insert_failed += 1;
+                    snat
+                }
+                Pinned::ReplyClash => {
+                    st.drop_reply_clash += 1;
+                    return XDP_DROP;
+                }
+            };
             // Counted from the moment it is pinned (a re-balanced flow
             // moves from its old backend's count). A pin that starts with a
             // RST ends at once. Any other packet counts, a FIN too: if the
@@ -137,11 +156,11 @@ pub fn handle(ctx: &XdpContext) -> u32 {
                 flows::open(&fkey, choice.id, svc.service_id, now, st);
             }
             st.new_flows += 1;
-            (choice.id, be, snat, true)
+            (choice.id, be, src, snat.is_some(), true)
         }
     };
 
-    nat::rewrite_xdp(&pkt, snat, Some((be.addr, be.port_be)));
+    nat::rewrite_xdp(&pkt, src, Some((be.addr, be.port_be)));
 
     let len = pkt.len as u64;
     let account = |c: &mut Counters| {
@@ -153,7 +172,7 @@ pub fn handle(ctx: &XdpContext) -> u32 {
     };
     bump(LB_SVC_COUNTERS.get_ptr_mut(svc.service_id), account);
     bump(LB_BE_COUNTERS.get_ptr_mut(id), account);
-    if snat.is_none() {
+    if !remote {
         return XDP_PASS; // the kernel routes to the local pod
     }
     if new_flow {

@@ -1,6 +1,6 @@
 //! Every map of the datapath, declared once. Types and byte order are
 //! documented in `lb_common::maps`; pin names equal these symbols (see
-//! `lb_common::pin`) and live under `<bpffs-root>/v2/`.
+//! `lb_common::pin`) and live under `<bpffs-root>/v3/`.
 //!
 //! All maps are BTF maps, so `bpftool map dump` prints named fields.
 

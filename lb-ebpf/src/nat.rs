@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use lb_common::{IPPROTO_UDP, csum};
 
-use crate::parse::{IP_CHECK_OFF, IP_SRC_OFF, L4_SPORT_OFF, PacketV4};
+use crate::parse::{IP_CHECK_OFF, IP_SRC_OFF, L4_DPORT_OFF, L4_SPORT_OFF, PacketV4};
 
 /// An address and a port (network byte order).
 pub type Endpoint = ([u8; 4], u16);
@@ -47,10 +47,18 @@ pub fn rewrite_xdp(pkt: &PacketV4, src: Option<Endpoint>, dst: Option<Endpoint>)
     }
 }
 
-/// TC: rewrites the source to `addr:port_be` (reverse NAT of a reply).
-/// Packet pointers in `pkt` are invalid afterwards; only offsets are used.
+/// TC: rewrites the source to `addr:port_be` (reverse NAT of a reply), and
+/// the destination port to `client_port_be` when given (a flow whose client
+/// port was remapped). Packet pointers in `pkt` are invalid afterwards; only
+/// offsets are used.
 #[inline(always)]
-pub fn snat_tc(ctx: &TcContext, pkt: &PacketV4, addr: [u8; 4], port_be: u16) -> Result<(), i64> {
+pub fn snat_tc(
+    ctx: &TcContext,
+    pkt: &PacketV4,
+    addr: [u8; 4],
+    port_be: u16,
+    client_port_be: Option<u16>,
+) -> Result<(), i64> {
     let old = u32::from_ne_bytes(pkt.src) as u64;
     let new = u32::from_ne_bytes(addr) as u64;
     let mangled0 = if pkt.proto == IPPROTO_UDP {
@@ -70,6 +78,15 @@ pub fn snat_tc(ctx: &TcContext, pkt: &PacketV4, addr: [u8; 4], port_be: u16) -> 
         port_be as u64,
         mangled0 | 2,
     )?;
+    if let Some(p) = client_port_be {
+        ctx.l4_csum_replace(
+            pkt.l4_check_off,
+            pkt.dport_be as u64,
+            p as u64,
+            mangled0 | 2,
+        )?;
+        ctx.store(L4_DPORT_OFF, &p, 0)?;
+    }
     ctx.l3_csum_replace(IP_CHECK_OFF, old, new, 4)?;
     ctx.store(IP_SRC_OFF, &addr, 0)?;
     ctx.store(L4_SPORT_OFF, &port_be, 0)?;

@@ -1,13 +1,14 @@
 //! Packet parsing: one bounds-check primitive ([`Bounds::ptr_at`]) and one
 //! packet description ([`PacketV4`]) filled once and used by every handler.
 //!
-//! Accepted: Ethernet II + IPv4 without options, not fragmented, carrying a
-//! complete TCP (20-byte) or UDP (8-byte) header. Everything else is a
+//! Accepted: Ethernet II + IPv4 without options, not fragmented, whose total
+//! length fits in the frame, carrying a complete TCP header (data offset at
+//! least 5 words) or UDP header (8 bytes). Everything else is a
 //! [`Skip`] reason, counted by the caller, and the packet is passed untouched.
 
 use core::mem::size_of;
 
-use lb_common::{CT_TCP_FIN_FWD, CT_TCP_RST, CT_TCP_SYN, IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::{CT_TCP_ACK, CT_TCP_FIN_FWD, CT_TCP_RST, CT_TCP_SYN, IPPROTO_TCP, IPPROTO_UDP};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
 /// Offset of the IPv4 header (right after Ethernet II).
@@ -20,6 +21,8 @@ pub const IP_CHECK_OFF: usize = L3_OFF + 10;
 pub const IP_SRC_OFF: usize = L3_OFF + 12;
 /// Offset of the L4 source port.
 pub const L4_SPORT_OFF: usize = L4_OFF;
+/// Offset of the L4 destination port.
+pub const L4_DPORT_OFF: usize = L4_OFF + 2;
 const TCP_CHECK_OFF: usize = L4_OFF + 16;
 const UDP_CHECK_OFF: usize = L4_OFF + 6;
 const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
@@ -71,8 +74,10 @@ pub struct PacketV4 {
     pub sport_be: u16,
     pub dport_be: u16,
     pub proto: u8,
-    /// `CT_TCP_SYN | CT_TCP_FIN_FWD | CT_TCP_RST` as seen in this packet
-    /// (FIN reported as `CT_TCP_FIN_FWD`; the reply path maps it).
+    /// `CT_TCP_SYN | CT_TCP_FIN_FWD | CT_TCP_RST | CT_TCP_ACK` as seen in
+    /// this packet (FIN reported as `CT_TCP_FIN_FWD`, an ACK without SYN or
+    /// RST as `CT_TCP_ACK`; the reply path maps them with
+    /// `lb_common::flow::reply_flags`).
     pub tcp_flags: u8,
     /// Bytes from the Ethernet header to the end of the packet.
     pub len: u32,
@@ -103,12 +108,26 @@ pub fn parse_v4(b: Bounds) -> Result<PacketV4, Skip> {
     if u16::from_be_bytes(iph.frags) & 0x3fff != 0 {
         return Err(Skip::Fragment);
     }
+    // A datagram longer than the frame lost its tail (trailing padding, as
+    // in short Ethernet frames, is fine).
+    if L3_OFF + u16::from_be_bytes(iph.tot_len) as usize > b.end - b.start {
+        return Err(Skip::Truncated);
+    }
     let proto = iph.proto;
     let (check_off, tcp_flags) = match proto {
         IPPROTO_TCP => {
             let tcp: *mut TcpHdr = b.ptr_at(L4_OFF).ok_or(Skip::Truncated)?;
-            // SAFETY: the 20-byte TCP header is in bounds; byte 13 holds the flags.
-            let raw = unsafe { *(tcp as *const u8).add(13) };
+            // SAFETY: the 20-byte TCP header is in bounds; byte 12 holds the
+            // data offset (high nibble), byte 13 the flags.
+            let (doff, raw) = unsafe {
+                (
+                    *(tcp as *const u8).add(12) >> 4,
+                    *(tcp as *const u8).add(13),
+                )
+            };
+            if doff < 5 {
+                return Err(Skip::Truncated);
+            }
             let mut f = 0;
             if raw & 0x01 != 0 {
                 f |= CT_TCP_FIN_FWD;
@@ -118,6 +137,10 @@ pub fn parse_v4(b: Bounds) -> Result<PacketV4, Skip> {
             }
             if raw & 0x04 != 0 {
                 f |= CT_TCP_RST;
+            }
+            // ACK without SYN or RST: the client's side of a handshake is done.
+            if raw & 0x16 == 0x10 {
+                f |= CT_TCP_ACK;
             }
             (TCP_CHECK_OFF, f)
         }

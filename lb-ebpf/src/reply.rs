@@ -1,12 +1,13 @@
 //! The TC egress path: a reply from a backend (backend → client) whose flow
 //! is in conntrack gets its source rewritten back to the frontend the client
-//! used. Everything else continues untouched.
+//! used (and its destination port back to the client's, when the flow's
+//! port was remapped). Everything else continues untouched.
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_UNSPEC},
     programs::TcContext,
 };
-use lb_common::{CT_TCP_FIN_FWD, CT_TCP_FIN_REPLY, CT_TCP_RST};
+use lb_common::{CT_DIR_REPLY, CT_F_PORT_REMAP, CT_TCP_FIN_REPLY, CT_TCP_RST, flow};
 
 use crate::{
     conntrack, flows,
@@ -36,30 +37,27 @@ pub fn handle(ctx: &TcContext) -> i32 {
     let Ok(pkt) = pkt else {
         return TC_ACT_UNSPEC;
     };
-    let key = conntrack::reply_key(&pkt);
+    let key = conntrack::packet_key(&pkt, CT_DIR_REPLY);
     let Some(ct) = LB_CT_V4.get_ptr_mut(&key) else {
         return TC_ACT_UNSPEC;
     };
     // SAFETY: LRU entry valid for this run; see conntrack::lookup_forward.
     let ct = unsafe { &mut *ct };
-    let flags = if pkt.tcp_flags & CT_TCP_FIN_FWD != 0 {
-        (pkt.tcp_flags & !CT_TCP_FIN_FWD) | CT_TCP_FIN_REPLY
-    } else {
-        pkt.tcp_flags
-    };
+    let flags = flow::reply_flags(pkt.tcp_flags);
     conntrack::touch(ct, flags, conntrack::now());
     let (addr, port) = (ct.nat_addr, ct.nat_port_be);
+    let client = (ct.flags & CT_F_PORT_REMAP != 0).then_some(ct.snat_port_be);
     if flags & (CT_TCP_RST | CT_TCP_FIN_REPLY) != 0 {
         // The pod ends the flow: a RST at once, a FIN once the client's FIN
         // was seen too (the open-flow count goes down exactly once).
-        let fkey = flows::forward_key_of_reply(pkt.dst, pkt.dport_be, addr, port, pkt.proto);
+        let fkey = flow::forward_key_of_reply(&key, ct);
         if flags & CT_TCP_RST != 0 {
             flows::close_counted(&fkey, st);
         } else {
             flows::pod_fin(&fkey, st);
         }
     }
-    if nat::snat_tc(ctx, &pkt, addr, port).is_err() {
+    if nat::snat_tc(ctx, &pkt, addr, port, client).is_err() {
         st.tc_rewrite_failed += 1;
         return TC_ACT_UNSPEC;
     }

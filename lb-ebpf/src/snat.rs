@@ -5,8 +5,8 @@
 
 use aya_ebpf::bindings::BPF_NOEXIST;
 use lb_common::{
-    BackendV4, CT_DIR_SNAT, CT_TCP_FIN_FWD, CT_TCP_FIN_REPLY, CT_TCP_RST, CtKeyV4, DatapathConfig,
-    NatValueV4, SNAT_PORT_TRIES, Stats,
+    BackendV4, CT_DIR_SNAT, CT_TCP_FIN_REPLY, CT_TCP_RST, DatapathConfig, NatValueV4,
+    SNAT_PORT_TRIES, Stats, flow,
 };
 
 use crate::{
@@ -26,6 +26,11 @@ pub fn config() -> Option<DatapathConfig> {
 /// Reserves a source port for the new flow `pkt` to the remote backend
 /// `be`: inserts its `LB_NAT_V4` mapping with `BPF_NOEXIST`, trying up to
 /// `SNAT_PORT_TRIES` ports from the flow hash `hash` on. `None`: range exhausted.
+///
+/// A port already mapped to this very flow is reused: when the LRU evicted
+/// the flow's forward entry but not its mapping, the next packet walks the
+/// same ports (same hash, same backend) and finds it, so the connection
+/// keeps its source port instead of reaching the backend from a second one.
 #[inline(always)]
 pub fn reserve(
     cfg: &DatapathConfig,
@@ -50,16 +55,19 @@ pub fn reserve(
     let mut i = 0;
     while i < SNAT_PORT_TRIES {
         let port = cfg.snat_port_lo + (hash.wrapping_add(i) % range) as u16;
-        let key = CtKeyV4 {
-            src_addr: be.addr,
-            dst_addr: cfg.snat_addr,
-            src_port_be: be.port_be,
-            dst_port_be: port.to_be(),
-            proto: pkt.proto,
-            dir: CT_DIR_SNAT,
-            _pad: [0; 2],
-        };
+        let key = flow::key(
+            (be.addr, be.port_be),
+            (cfg.snat_addr, port.to_be()),
+            pkt.proto,
+            CT_DIR_SNAT,
+        );
         if LB_NAT_V4.insert(key, value, BPF_NOEXIST as u64).is_ok() {
+            return Some((cfg.snat_addr, port.to_be()));
+        }
+        // SAFETY: read-only copy of a hash value.
+        if let Some(n) = unsafe { LB_NAT_V4.get(&key) }
+            && flow::forward_key_of_nat(&key, n) == conntrack::forward_key(pkt)
+        {
             return Some((cfg.snat_addr, port.to_be()));
         }
         i += 1;
@@ -71,28 +79,15 @@ pub fn reserve(
 /// the new (source, destination) = (frontend, client). Records its flags.
 #[inline(always)]
 pub fn reverse(pkt: &PacketV4, now: u64, st: &mut Stats) -> Option<(Endpoint, Endpoint)> {
-    let key = CtKeyV4 {
-        dir: CT_DIR_SNAT,
-        ..conntrack::forward_key(pkt)
-    };
+    let key = conntrack::packet_key(pkt, CT_DIR_SNAT);
     let nat = LB_NAT_V4.get_ptr_mut(&key)?;
     // SAFETY: a hash value stays valid during this run; racing writers only
     // touch flags and times.
     let nat = unsafe { &mut *nat };
-    let flags = if pkt.tcp_flags & CT_TCP_FIN_FWD != 0 {
-        (pkt.tcp_flags & !CT_TCP_FIN_FWD) | CT_TCP_FIN_REPLY
-    } else {
-        pkt.tcp_flags
-    };
+    let flags = flow::reply_flags(pkt.tcp_flags);
     conntrack::touch_fields(&mut nat.tcp_flags, &mut nat.last_seen_ns, flags, now);
     if flags & (CT_TCP_RST | CT_TCP_FIN_REPLY) != 0 {
-        let fkey = flows::forward_key_of_reply(
-            nat.client_addr,
-            nat.client_port_be,
-            nat.frontend_addr,
-            nat.frontend_port_be,
-            pkt.proto,
-        );
+        let fkey = flow::forward_key_of_nat(&key, nat);
         if flags & CT_TCP_RST != 0 {
             flows::close_counted(&fkey, st);
         } else {

@@ -141,6 +141,7 @@ fn spawn_gc(pin_dir: &std::path::Path, args: &RunArgs, shared: Arc<Shared>) -> R
         udp_idle: Duration::from_secs(args.nat_udp_timeout),
         tcp_idle: Duration::from_secs(args.nat_tcp_idle_timeout),
         tcp_closed_grace: Duration::from_secs(args.nat_tcp_closed_grace),
+        tcp_syn: Duration::from_secs(args.nat_tcp_syn_timeout),
     };
     let every = Duration::from_secs(args.gc_interval.max(1));
     std::thread::Builder::new()

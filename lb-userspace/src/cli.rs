@@ -108,7 +108,7 @@ pub struct RunArgs {
     #[arg(long, env = "NODE_NAME", value_name = "NAME")]
     pub node_name: String,
 
-    /// bpffs directory where maps are pinned (under `v2/`). Pinned maps are
+    /// bpffs directory where maps are pinned (under `v3/`). Pinned maps are
     /// reused on restart, so established flows survive it.
     #[arg(long, default_value = "/sys/fs/bpf/lb", value_name = "PATH")]
     pub bpffs_root: PathBuf,
@@ -159,6 +159,13 @@ pub struct RunArgs {
     /// seconds after its last packet.
     #[arg(long, default_value_t = 10, value_name = "SECS")]
     pub nat_tcp_closed_grace: u64,
+
+    /// A TCP flow whose client never completed the handshake (only SYNs
+    /// seen from it) is removed this many seconds after the client's last
+    /// packet, releasing its conntrack entries and SNAT port (netfilter
+    /// keeps SYN_SENT for 120 s).
+    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    pub nat_tcp_syn_timeout: u64,
 
     /// Seconds between garbage collections of the conntrack and NAT tables.
     #[arg(long, default_value_t = 5, value_name = "SECS")]

@@ -2,8 +2,11 @@
 //! times; the agent decides when a flow is over and deletes its entries.
 //!
 //! A TCP flow is over once a RST was seen or both sides sent FIN, plus a
-//! grace period (late retransmissions still find their mapping); any flow
-//! is over after an idle timeout (TCP and UDP separately). The conntrack map
+//! grace period (late retransmissions still find their mapping); a TCP flow
+//! whose client never completed the handshake is over after the short SYN
+//! timeout since the client's last packet (a flood of SYNs from sources that
+//! never answer cannot hold entries and SNAT ports for the idle timeout);
+//! any flow is over after an idle timeout (TCP and UDP separately). The conntrack map
 //! is an LRU and would also evict on its own when full; the NAT map is not,
 //! so without this collection its ports would never come back.
 //!
@@ -21,8 +24,8 @@ use std::{collections::BTreeSet, path::Path, time::Duration};
 
 use aya::maps::{Array, HashMap, Map, MapData};
 use lb_common::{
-    BACKEND_FREE, BackendV4, CT_DIR_FORWARD, CT_DIR_REPLY, CT_DIR_SNAT, CT_F_SNAT, CT_TCP_FIN_FWD,
-    CT_TCP_FIN_REPLY, CT_TCP_RST, CtKeyV4, CtValueV4, IPPROTO_TCP, NatValueV4, OpenFlowV4, pin,
+    BackendV4, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_SNAT, CtKeyV4, CtValueV4, IPPROTO_TCP,
+    NatValueV4, OpenFlowV4, flow, pin,
 };
 use tracing::debug;
 
@@ -39,21 +42,33 @@ pub struct Timeouts {
     /// A closed TCP flow (RST, or FIN both ways) is removed this long after
     /// its last packet.
     pub tcp_closed_grace: Duration,
+    /// A TCP flow whose client never completed the handshake is removed
+    /// this long after the client's last packet.
+    pub tcp_syn: Duration,
 }
 
-/// Whether a flow with these combined `tcp_flags`, last seen at
-/// `last_seen_ns`, is over at `now_ns` (all `CLOCK_MONOTONIC`).
-pub fn expired(proto: u8, tcp_flags: u8, last_seen_ns: u64, now_ns: u64, t: &Timeouts) -> bool {
-    let idle = Duration::from_nanos(now_ns.saturating_sub(last_seen_ns));
+/// When a flow's sides were last heard from (`CLOCK_MONOTONIC` ns).
+#[derive(Clone, Copy, Debug)]
+pub struct LastSeen {
+    /// The client's last packet (forward entry).
+    pub client_ns: u64,
+    /// The last packet either way.
+    pub any_ns: u64,
+}
+
+/// Whether a flow with these combined `tcp_flags` is over at `now_ns`.
+pub fn expired(proto: u8, tcp_flags: u8, last: LastSeen, now_ns: u64, t: &Timeouts) -> bool {
+    let idle = |since: u64| Duration::from_nanos(now_ns.saturating_sub(since));
     if proto != IPPROTO_TCP {
-        return idle > t.udp_idle;
+        return idle(last.any_ns) > t.udp_idle;
     }
-    let closed = tcp_flags & CT_TCP_RST != 0
-        || tcp_flags & (CT_TCP_FIN_FWD | CT_TCP_FIN_REPLY) == CT_TCP_FIN_FWD | CT_TCP_FIN_REPLY;
-    if closed {
-        idle > t.tcp_closed_grace
+    if flow::tcp_closed(tcp_flags) {
+        idle(last.any_ns) > t.tcp_closed_grace
+    } else if flow::half_open(proto, tcp_flags) {
+        // The backend's SYN-ACK retransmissions do not keep it alive.
+        idle(last.client_ns) > t.tcp_syn
     } else {
-        idle > t.tcp_idle
+        idle(last.any_ns) > t.tcp_idle
     }
 }
 
@@ -136,26 +151,25 @@ impl Tables {
         let ct_keys: BTreeSet<CtKeyV4> = ct.iter().map(|(k, _)| *k).collect();
         let mut partners_seen = BTreeSet::new();
         for (k, v) in ct.iter().filter(|(k, _)| k.dir == CT_DIR_FORWARD) {
-            let partner = partner_of(k, v);
+            let partner = flow::partner_key(k, v);
             partners_seen.insert(partner);
-            let (flags, last) = if v.flags & CT_F_SNAT != 0 {
-                match self.nat.get(&partner, 0) {
-                    Ok(n) => (
-                        v.tcp_flags | n.tcp_flags,
-                        v.last_seen_ns.max(n.last_seen_ns),
-                    ),
-                    Err(_) => (v.tcp_flags, v.last_seen_ns),
-                }
+            let other = if v.flags & CT_F_SNAT != 0 {
+                self.nat
+                    .get(&partner, 0)
+                    .ok()
+                    .map(|n| (n.tcp_flags, n.last_seen_ns))
             } else {
-                match self.ct.get(&partner, 0) {
-                    Ok(r) => (
-                        v.tcp_flags | r.tcp_flags,
-                        v.last_seen_ns.max(r.last_seen_ns),
-                    ),
-                    Err(_) => (v.tcp_flags, v.last_seen_ns),
-                }
+                self.ct
+                    .get(&partner, 0)
+                    .ok()
+                    .map(|r| (r.tcp_flags, r.last_seen_ns))
             };
-            if expired(k.proto, flags, last, now_ns, t) {
+            let (other_flags, other_last) = other.unwrap_or((0, 0));
+            let last = LastSeen {
+                client_ns: v.last_seen_ns,
+                any_ns: v.last_seen_ns.max(other_last),
+            };
+            if expired(k.proto, v.tcp_flags | other_flags, last, now_ns, t) {
                 // Counted down first (a no-op if the datapath already did).
                 if let Some(c) = &mut self.closer
                     && c.close(k).unwrap_or(false)
@@ -176,15 +190,7 @@ impl Tables {
         let orphan =
             |last: u64| Duration::from_nanos(now_ns.saturating_sub(last)) > t.tcp_closed_grace;
         for (k, n) in &nat {
-            let fwd = CtKeyV4 {
-                src_addr: n.client_addr,
-                dst_addr: n.frontend_addr,
-                src_port_be: n.client_port_be,
-                dst_port_be: n.frontend_port_be,
-                proto: k.proto,
-                dir: CT_DIR_FORWARD,
-                _pad: [0; 2],
-            };
+            let fwd = flow::forward_key_of_nat(k, n);
             if !ct_keys.contains(&fwd) && orphan(n.last_seen_ns) {
                 let _ = self.nat.remove(k);
             }
@@ -195,18 +201,23 @@ impl Tables {
             }
         }
         // Reconcile the registry with conntrack: a flow counted longer than
-        // the grace whose forward entry is gone, or pins another backend.
+        // the grace whose forward entry is gone, pins another backend, or
+        // pins one that left the service (or whose id now names another
+        // pod: the datapath re-balances such a flow on its next packet).
         if let Some(c) = &mut self.closer {
             for (k, f) in &registry {
                 let age = Duration::from_nanos(now_ns.saturating_sub(f.created_ns));
                 if age <= t.tcp_closed_grace {
                     continue;
                 }
-                let pinned = self.ct.get(k, 0).ok().map(|v| v.backend_id);
-                let gone = self.backends.get(&f.backend_id, 0).map_or(true, |b| {
-                    b.state == BACKEND_FREE || b.service_id != f.service_id
+                let still = self.ct.get(k, 0).ok().is_some_and(|v| {
+                    v.backend_id == f.backend_id
+                        && self
+                            .backends
+                            .get(&f.backend_id, 0)
+                            .is_ok_and(|b| flow::pins(&v, &b, f.service_id))
                 });
-                if (pinned != Some(f.backend_id) || gone) && c.close(k).unwrap_or(false) {
+                if !still && c.close(k).unwrap_or(false) {
                     out.flows_closed += 1;
                 }
             }
@@ -216,35 +227,11 @@ impl Tables {
     }
 }
 
-/// The entry that pairs with forward entry `k`: the NAT mapping (forwarded
-/// flows) or the reply entry (local flows).
-fn partner_of(k: &CtKeyV4, v: &CtValueV4) -> CtKeyV4 {
-    if v.flags & CT_F_SNAT != 0 {
-        CtKeyV4 {
-            src_addr: v.nat_addr,
-            dst_addr: v.snat_addr,
-            src_port_be: v.nat_port_be,
-            dst_port_be: v.snat_port_be,
-            proto: k.proto,
-            dir: CT_DIR_SNAT,
-            _pad: [0; 2],
-        }
-    } else {
-        CtKeyV4 {
-            src_addr: v.nat_addr,
-            dst_addr: k.src_addr,
-            src_port_be: v.nat_port_be,
-            dst_port_be: k.src_port_be,
-            proto: k.proto,
-            dir: CT_DIR_REPLY,
-            _pad: [0; 2],
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use lb_common::{CT_TCP_SYN, IPPROTO_UDP};
+    use lb_common::{
+        CT_TCP_ACK, CT_TCP_FIN_FWD, CT_TCP_FIN_REPLY, CT_TCP_RST, CT_TCP_SYN, IPPROTO_UDP,
+    };
 
     use super::*;
 
@@ -253,27 +240,51 @@ mod tests {
         udp_idle: Duration::from_secs(60),
         tcp_idle: Duration::from_secs(7200),
         tcp_closed_grace: Duration::from_secs(10),
+        tcp_syn: Duration::from_secs(60),
     };
+
+    fn at(ns: u64) -> LastSeen {
+        LastSeen {
+            client_ns: ns,
+            any_ns: ns,
+        }
+    }
 
     #[test]
     fn udp_ends_when_idle() {
-        assert!(!expired(IPPROTO_UDP, 0, 100 * S, 159 * S, &T));
-        assert!(expired(IPPROTO_UDP, 0, 100 * S, 161 * S, &T));
+        assert!(!expired(IPPROTO_UDP, 0, at(100 * S), 159 * S, &T));
+        assert!(expired(IPPROTO_UDP, 0, at(100 * S), 161 * S, &T));
     }
 
     #[test]
     fn tcp_ends_after_rst_or_both_fins_plus_grace() {
-        let open = CT_TCP_SYN;
-        let half = CT_TCP_SYN | CT_TCP_FIN_FWD;
+        let open = CT_TCP_SYN | CT_TCP_ACK;
+        let half = open | CT_TCP_FIN_FWD;
         let both = half | CT_TCP_FIN_REPLY;
-        assert!(!expired(IPPROTO_TCP, open, 0, 11 * S, &T));
+        assert!(!expired(IPPROTO_TCP, open, at(0), 11 * S, &T));
         assert!(
-            !expired(IPPROTO_TCP, half, 0, 11 * S, &T),
+            !expired(IPPROTO_TCP, half, at(0), 11 * S, &T),
             "half-closed stays"
         );
-        assert!(expired(IPPROTO_TCP, both, 0, 11 * S, &T));
-        assert!(!expired(IPPROTO_TCP, both, 0, 9 * S, &T), "grace");
-        assert!(expired(IPPROTO_TCP, CT_TCP_RST, 0, 11 * S, &T));
-        assert!(expired(IPPROTO_TCP, open, 0, 7201 * S, &T), "idle");
+        assert!(expired(IPPROTO_TCP, both, at(0), 11 * S, &T));
+        assert!(!expired(IPPROTO_TCP, both, at(0), 9 * S, &T), "grace");
+        assert!(expired(IPPROTO_TCP, CT_TCP_RST, at(0), 11 * S, &T));
+        assert!(!expired(IPPROTO_TCP, open, at(0), 7199 * S, &T));
+        assert!(expired(IPPROTO_TCP, open, at(0), 7201 * S, &T), "idle");
+    }
+
+    #[test]
+    fn a_handshake_that_never_completes_ends_after_the_syn_timeout() {
+        // The backend's SYN-ACKs keep coming; the client stays silent.
+        let last = LastSeen {
+            client_ns: 0,
+            any_ns: 50 * S,
+        };
+        assert!(!expired(IPPROTO_TCP, CT_TCP_SYN, last, 59 * S, &T));
+        assert!(expired(IPPROTO_TCP, CT_TCP_SYN, last, 61 * S, &T));
+        assert!(
+            !expired(IPPROTO_TCP, CT_TCP_SYN | CT_TCP_ACK, last, 61 * S, &T),
+            "a completed handshake waits for the idle timeout"
+        );
     }
 }

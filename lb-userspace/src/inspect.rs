@@ -13,10 +13,11 @@ use std::{collections::BTreeMap, net::Ipv4Addr, path::Path, time::Duration};
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use lb_common::{
-    BACKEND_FREE, BACKEND_TERMINATING, BackendV4, CT_DIR_REPLY, CT_TCP_FIN_FWD, CT_TCP_FIN_REPLY,
-    CT_TCP_RST, CT_TCP_SYN, Counters, CtKeyV4, CtValueV4, FrontendKeyV4, IPPROTO_TCP, OpenFlowV4,
-    REASON_AFFINITY, REASON_LEAST_CONN, REASON_MAGLEV, REASON_REBALANCED, REASON_ROUND_ROBIN,
-    REASON_TERMINATING_FALLBACK, SVC_F_TERMINATING_FALLBACK, ServiceName, ServiceValue, pin,
+    BACKEND_FREE, BACKEND_TERMINATING, BackendV4, CT_F_SNAT, CT_TCP_ACK, CT_TCP_FIN_FWD,
+    CT_TCP_FIN_REPLY, CT_TCP_RST, CT_TCP_SYN, Counters, CtKeyV4, CtValueV4, FrontendKeyV4,
+    IPPROTO_TCP, NatValueV4, OpenFlowV4, REASON_AFFINITY, REASON_LEAST_CONN, REASON_MAGLEV,
+    REASON_REBALANCED, REASON_ROUND_ROBIN, REASON_TERMINATING_FALLBACK, SVC_F_TERMINATING_FALLBACK,
+    ServiceName, ServiceValue, flow, pin,
 };
 use serde::Serialize;
 
@@ -107,6 +108,8 @@ pub fn tcp_state(flags: u8) -> &'static str {
         "fin-client"
     } else if fin == CT_TCP_FIN_REPLY {
         "fin-pod"
+    } else if flags & CT_TCP_SYN != 0 && flags & CT_TCP_ACK == 0 {
+        "handshake"
     } else if flags & CT_TCP_SYN != 0 {
         "open"
     } else {
@@ -171,6 +174,9 @@ impl Pinned {
         let ct: HashMap<_, CtKeyV4, CtValueV4> =
             HashMap::try_from(Map::LruHashMap(open_map(&self.dir, pin::CONNTRACK_V4)?))
                 .map_err(|e| derr(pin::CONNTRACK_V4, e))?;
+        let nat: HashMap<_, CtKeyV4, NatValueV4> =
+            HashMap::try_from(Map::HashMap(open_map(&self.dir, pin::NAT_V4)?))
+                .map_err(|e| derr(pin::NAT_V4, e))?;
         let backends: Array<_, BackendV4> =
             Array::try_from(Map::Array(open_map(&self.dir, pin::BACKENDS_V4)?))
                 .map_err(|e| derr(pin::BACKENDS_V4, e))?;
@@ -180,18 +186,20 @@ impl Pinned {
             let v = ct.get(&k, 0).ok();
             let (backend, state, age, idle, reason, choice) = match v {
                 Some(v) => {
-                    let reply = CtKeyV4 {
-                        src_addr: v.nat_addr,
-                        dst_addr: k.src_addr,
-                        src_port_be: v.nat_port_be,
-                        dst_port_be: k.src_port_be,
-                        proto: k.proto,
-                        dir: CT_DIR_REPLY,
-                        _pad: [0; 2],
+                    // The pod's side: the reply entry of a local flow, the
+                    // NAT mapping of a forwarded one.
+                    let partner = flow::partner_key(&k, &v);
+                    let r = if v.flags & CT_F_SNAT != 0 {
+                        nat.get(&partner, 0)
+                            .ok()
+                            .map(|n| (n.tcp_flags, n.last_seen_ns))
+                    } else {
+                        ct.get(&partner, 0)
+                            .ok()
+                            .map(|r| (r.tcp_flags, r.last_seen_ns))
                     };
-                    let r = ct.get(&reply, 0).ok();
-                    let flags = v.tcp_flags | r.map_or(0, |r| r.tcp_flags);
-                    let last = v.last_seen_ns.max(r.map_or(0, |r| r.last_seen_ns));
+                    let flags = v.tcp_flags | r.map_or(0, |r| r.0);
+                    let last = v.last_seen_ns.max(r.map_or(0, |r| r.1));
                     (
                         endpoint(v.nat_addr, v.nat_port_be),
                         if k.proto == IPPROTO_TCP {
@@ -430,7 +438,8 @@ mod tests {
         assert!(service_matches("demo/echo:http", "demo/echo:http"));
         assert!(backend_matches("198.18.1.11:8080", "198.18.1.11"));
         assert!(!backend_matches("198.18.1.111:8080", "198.18.1.11"));
-        assert_eq!(tcp_state(CT_TCP_SYN), "open");
+        assert_eq!(tcp_state(CT_TCP_SYN), "handshake");
+        assert_eq!(tcp_state(CT_TCP_SYN | CT_TCP_ACK), "open");
         assert_eq!(tcp_state(CT_TCP_SYN | CT_TCP_FIN_FWD), "fin-client");
         assert_eq!(tcp_state(CT_TCP_FIN_FWD | CT_TCP_FIN_REPLY), "closed");
         assert_eq!(tcp_state(CT_TCP_RST), "reset");

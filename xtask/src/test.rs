@@ -23,7 +23,11 @@ use crate::{build, cmd, setup};
 
 /// The kernel test targets: (package, test target, file that must exist).
 const KERNEL_TESTS: &[(&str, &str, &str)] = &[
-    ("lb-userspace", "golden", "lb-userspace/tests/golden.rs"),
+    (
+        "lb-userspace",
+        "golden",
+        "lb-userspace/tests/golden/main.rs",
+    ),
     ("xtask", "e2e", "xtask/tests/e2e.rs"),
     ("xtask", "policies", "xtask/tests/policies.rs"),
     ("xtask", "kubeproxy", "xtask/tests/kubeproxy.rs"),

@@ -45,7 +45,7 @@ pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 pub const BRIDGE_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
 /// The node's interface towards the client, where the agent attaches.
 pub const NODE_IFACE: &str = "n0";
-/// Map pin names under `<bpffs-root>/v2/` (`lb_common::consts::pin`).
+/// Map pin names under `<bpffs-root>/v3/` (`lb_common::consts::pin`).
 pub mod pins {
     /// Frontend → service.
     pub const FRONTENDS_V4: &str = "LB_FRONTENDS_V4";
@@ -56,7 +56,7 @@ pub mod pins {
     /// Datapath counters.
     pub const STATS: &str = "LB_STATS";
     /// Layout version directory.
-    pub const VERSION_DIR: &str = "v2";
+    pub const VERSION_DIR: &str = "v3";
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -227,7 +227,7 @@ impl Lab {
         &self.pins.0
     }
 
-    /// Where map `name` is pinned: `<bpffs-root>/v2/<name>`.
+    /// Where map `name` is pinned: `<bpffs-root>/v3/<name>`.
     pub fn pin(&self, name: &str) -> PathBuf {
         self.bpffs_root().join(pins::VERSION_DIR).join(name)
     }

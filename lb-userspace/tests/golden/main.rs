@@ -36,6 +36,8 @@ use lb_userspace::{
     writer::{MapWriter, kernel::KernelMaps, memory::MemoryMaps},
 };
 
+mod flow_state;
+
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
