@@ -11,7 +11,8 @@
 
 use crate::{
     BackendV4, CT_DIR_FORWARD, CT_DIR_REPLY, CT_DIR_SNAT, CT_F_PORT_REMAP, CT_F_SNAT, CT_TCP_ACK,
-    CT_TCP_FIN_FWD, CT_TCP_FIN_REPLY, CT_TCP_RST, CtKeyV4, CtValueV4, IPPROTO_TCP, NatValueV4,
+    CT_TCP_FIN_FWD, CT_TCP_FIN_REPLY, CT_TCP_RST, CT_TCP_SYN, CtKeyV4, CtValueV4, IPPROTO_TCP,
+    NatValueV4,
 };
 
 /// The key of a packet or flow in direction `dir`: `src → dst`.
@@ -106,6 +107,17 @@ pub fn pins(ct: &CtValueV4, be: &BackendV4, service_id: u32) -> bool {
         && be.port_be == ct.nat_port_be
 }
 
+/// True if a packet with flags `pkt_flags` on a flow whose forward entry is
+/// `ct` and whose backend is `be` starts a new connection that must be
+/// balanced again: a SYN after the client ended the old connection (FIN or
+/// RST), as netfilter opens a new entry for a SYN on a closed tuple, or a
+/// SYN towards a backend that no longer takes new flows (terminating).
+#[inline(always)]
+pub fn syn_rebalances(pkt_flags: u8, ct: &CtValueV4, be: &BackendV4) -> bool {
+    pkt_flags & CT_TCP_SYN != 0
+        && (ct.tcp_flags & (CT_TCP_FIN_FWD | CT_TCP_RST) != 0 || be.state != crate::BACKEND_ACTIVE)
+}
+
 /// Packet flags as recorded on a reply (backend → client): FIN becomes
 /// [`CT_TCP_FIN_REPLY`]; the handshake bit is the client's alone.
 #[inline(always)]
@@ -137,7 +149,6 @@ pub fn half_open(proto: u8, flags: u8) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::CT_TCP_SYN;
 
     const CLIENT: ([u8; 4], u16) = ([198, 18, 0, 2], 40_000u16.to_be());
     const FRONTEND: ([u8; 4], u16) = ([198, 18, 0, 1], 30_090u16.to_be());
@@ -245,6 +256,36 @@ mod tests {
             },
             7
         ));
+    }
+
+    #[test]
+    fn a_syn_rebalances_after_the_client_ended_or_towards_a_terminating_backend() {
+        let be = BackendV4 {
+            state: crate::BACKEND_ACTIVE,
+            ..Default::default()
+        };
+        let open = CtValueV4 {
+            tcp_flags: CT_TCP_SYN | CT_TCP_ACK,
+            ..Default::default()
+        };
+        let ended = CtValueV4 {
+            tcp_flags: CT_TCP_SYN | CT_TCP_FIN_FWD,
+            ..open
+        };
+        let terminating = BackendV4 {
+            state: crate::BACKEND_TERMINATING,
+            ..be
+        };
+        assert!(
+            !syn_rebalances(CT_TCP_SYN, &open, &be),
+            "a retransmitted SYN"
+        );
+        assert!(syn_rebalances(CT_TCP_SYN, &ended, &be));
+        assert!(syn_rebalances(CT_TCP_SYN, &open, &terminating));
+        assert!(
+            !syn_rebalances(CT_TCP_ACK, &open, &terminating),
+            "established stays"
+        );
     }
 
     #[test]

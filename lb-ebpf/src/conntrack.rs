@@ -7,8 +7,9 @@ use aya_ebpf::{
     helpers::generated::bpf_ktime_get_coarse_ns,
 };
 use lb_common::{
-    BackendV4, CT_DIR_FORWARD, CT_F_PORT_REMAP, CT_F_SNAT, CT_TCP_FIN_FWD, CT_TCP_FIN_REPLY,
-    CT_TCP_RST, CT_TCP_SYN, CtKeyV4, CtValueV4, PORT_REMAP_LO, PORT_REMAP_TRIES, flow,
+    BACKEND_ACTIVE, BackendV4, CT_DIR_FORWARD, CT_F_PORT_REMAP, CT_F_SNAT, CT_TCP_FIN_FWD,
+    CT_TCP_FIN_REPLY, CT_TCP_RST, CT_TCP_SYN, CtKeyV4, CtValueV4, PORT_REMAP_LO, PORT_REMAP_TRIES,
+    flow,
 };
 
 use crate::{
@@ -71,6 +72,15 @@ pub fn lookup_forward(key: &CtKeyV4, service_id: u32, tcp_flags: u8, now: u64) -
     };
     if !flow::pins(ct, be, service_id) {
         return Lookup::Stale;
+    }
+    if flow::syn_rebalances(tcp_flags, ct, be) {
+        // A new connection on this tuple: balanced like any new flow if the
+        // old one ended, re-balanced away from a terminating backend.
+        return if be.state == BACKEND_ACTIVE {
+            Lookup::Miss
+        } else {
+            Lookup::Stale
+        };
     }
     touch(ct, tcp_flags, now);
     Lookup::Hit(*ct, *be)

@@ -364,10 +364,25 @@ pub fn plan(current: &MapState, desired: &Desired, cfg: &PlanConfig) -> Result<V
         }
     }
 
+    // Order: what a new flow may be sent to is written before anything
+    // that points at it (new and promoted backends, then tables, lists and
+    // frontends); a backend is demoted (active → terminating) only once no
+    // table or list hands it new flows, so no new flow is refused in
+    // between while a usable backend exists; freed last.
     let mut ops = Vec::new();
+    let mut demotions = Vec::new();
     for (&id, value) in &want_be {
-        if current.backends.get(&id) != Some(value) {
-            ops.push(Op::PutBackend { id, value: *value });
+        let old = current.backends.get(&id);
+        if old == Some(value) {
+            continue;
+        }
+        let demoted =
+            old.is_some_and(|o| o.state == BACKEND_ACTIVE) && value.state != BACKEND_ACTIVE;
+        let op = Op::PutBackend { id, value: *value };
+        if demoted {
+            demotions.push(op);
+        } else {
+            ops.push(op);
         }
     }
     ops.extend(ops_maglev);
@@ -400,6 +415,7 @@ pub fn plan(current: &MapState, desired: &Desired, cfg: &PlanConfig) -> Result<V
             });
         }
     }
+    ops.extend(demotions);
     for key in current.frontends.keys() {
         if !want_fe.contains_key(key) {
             ops.push(Op::DeleteFrontend { key: *key });

@@ -6,7 +6,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
-use lb_common::{BACKEND_ACTIVE, BACKEND_F_LOCAL, BACKEND_TERMINATING, FRONTEND_NODEPORT};
+use lb_common::{
+    BACKEND_ACTIVE, BACKEND_F_LOCAL, BACKEND_TERMINATING, FRONTEND_NODEPORT, FrontendKeyV4,
+};
 use lb_userspace::model::{
     Backend, BackendState, Desired, Frontend, FrontendKind, Proto, ServicePort, ServicePortName,
 };
@@ -639,5 +641,57 @@ proptest! {
         // And back to nothing.
         converge(&mut maps, &Desired::default(), &cfg);
         prop_assert_eq!(maps, MemoryMaps::new());
+    }
+}
+
+/// Frontends of `d` whose service port has an active backend, by key.
+fn served(d: &Desired) -> BTreeMap<FrontendKeyV4, ServicePortName> {
+    d.services
+        .iter()
+        .filter(|(_, sp)| sp.backends.iter().any(|b| b.state == BackendState::Active))
+        .flat_map(|(n, sp)| {
+            sp.frontends
+                .iter()
+                .map(move |f| (frontend_key(f.addr, f.port, f.proto), n.clone()))
+        })
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(96))]
+
+    /// A transition (a backend turning terminating, being replaced, added or
+    /// removed) never has a moment, between two map writes, in which a new
+    /// flow to a frontend that has a usable backend before and after finds
+    /// none and would be rejected.
+    #[test]
+    fn no_new_flow_is_refused_while_a_usable_backend_exists(
+        states in prop::collection::vec(arb_desired(), 2..5)
+    ) {
+        let cfg = cfg();
+        let mut maps = MemoryMaps::new();
+        converge(&mut maps, &states[0], &cfg);
+        for pair in states.windows(2) {
+            let (before, after) = (served(&pair[0]), served(&pair[1]));
+            let both: Vec<FrontendKeyV4> = before
+                .iter()
+                .filter(|(k, n)| after.get(k) == Some(n))
+                .map(|(k, _)| *k)
+                .collect();
+            let ops = plan(&maps.read_state().unwrap(), &pair[1], &cfg).unwrap();
+            for (i, op) in ops.iter().enumerate() {
+                maps.apply(std::slice::from_ref(op)).unwrap();
+                for key in &both {
+                    for h in 0..300u32 {
+                        let hash = h.wrapping_mul(0x9e37_79b9);
+                        prop_assert!(
+                            maps.resolve(key, hash).is_some(),
+                            "after op {i} ({op:?}) of {}: {key:?} refuses hash {hash:#x}",
+                            ops.len()
+                        );
+                    }
+                }
+            }
+        }
     }
 }

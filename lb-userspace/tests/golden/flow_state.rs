@@ -238,3 +238,52 @@ fn a_tcp_data_offset_below_five_or_an_ip_length_beyond_the_frame_is_truncated() 
     assert_eq!(s.pass_truncated - s0.pass_truncated, 2);
     assert_eq!(s.new_flows, s0.new_flows, "no flow pinned");
 }
+
+#[test]
+fn a_new_connection_on_an_old_tuple_of_a_terminating_pod_goes_to_a_ready_one() {
+    if !privileged() {
+        return;
+    }
+    let mut g = Golden::new(&PODS);
+    // Find two client ports whose flows Maglev puts on pod-1.
+    let ports: Vec<u16> = (49_000..49_200u16)
+        .filter(|&p| g.expected_backend(p, 30090, IPPROTO_TCP).0 == addr(P1))
+        .take(2)
+        .collect();
+    let (reused, kept) = (ports[0], ports[1]);
+    for p in [reused, kept] {
+        g.xdp(&tcp((CLIENT, p), (NODE, 30090), true, b""));
+        let (_, out) = g.xdp(&tcp((CLIENT, p), (NODE, 30090), false, b"x"));
+        assert_eq!(dnat_target(&out), addr(P1));
+    }
+    // The first connection ends from the client's side.
+    g.xdp(&tcp_end((CLIENT, reused), (NODE, 30090), false));
+    // Pod-1 starts terminating (serving, not ready).
+    let text = manifest(&PODS).replacen(
+        &format!("[\"{P1}\"]\n      conditions: {{ready: true}}"),
+        &format!(
+            "[\"{P1}\"]\n      conditions: {{ready: false, serving: true, terminating: true}}"
+        ),
+        1,
+    );
+    g.set_manifest(&text);
+
+    // The established connection stays with its pod.
+    let (_, out) = g.xdp(&tcp((CLIENT, kept), (NODE, 30090), false, b"y"));
+    assert_eq!(
+        dnat_target(&out),
+        addr(P1),
+        "an established flow keeps its pod"
+    );
+    // A SYN of a new connection on the first tuple goes to a ready pod.
+    let (verdict, out) = g.xdp(&tcp((CLIENT, reused), (NODE, 30090), true, b""));
+    assert_eq!(verdict, XDP_PASS);
+    assert_ne!(
+        dnat_target(&out),
+        addr(P1),
+        "a new connection to a terminating pod"
+    );
+    // A SYN on the established tuple (the client lost its connection) too.
+    let (_, out) = g.xdp(&tcp((CLIENT, kept), (NODE, 30090), true, b""));
+    assert_ne!(dnat_target(&out), addr(P1));
+}

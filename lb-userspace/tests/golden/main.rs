@@ -264,8 +264,13 @@ impl Golden {
     /// Writes the manifest and runs the agent's pipeline into both the kernel
     /// maps and the host reference maps.
     fn set_endpoints(&mut self, endpoints: &[&str]) {
+        self.set_manifest(&manifest(endpoints));
+    }
+
+    /// Runs the pipeline on `text`, as [`Golden::set_endpoints`].
+    fn set_manifest(&mut self, text: &str) {
         let file = self.dir.path().join("svc.yaml");
-        std::fs::write(&file, manifest(endpoints)).unwrap();
+        std::fs::write(&file, text).unwrap();
         let objects = manifests::load(&file).expect("manifest");
         let node = NodeContext {
             node_name: "node-a".into(),
