@@ -60,6 +60,23 @@ pub fn partner_key(k: &CtKeyV4, v: &CtValueV4) -> CtKeyV4 {
     local_reply_key(backend, (k.src_addr, client_port), k.proto)
 }
 
+/// The reply entry of the local flow whose forward entry is (`k`, `v`): it
+/// restores the frontend as the source (and the client's own port as the
+/// destination when the port was remapped). Written by the datapath when it
+/// pins the flow, and again if the LRU evicted it while the flow lives.
+#[inline(always)]
+pub fn reply_value(k: &CtKeyV4, v: &CtValueV4) -> CtValueV4 {
+    CtValueV4 {
+        nat_addr: k.dst_addr,
+        nat_port_be: k.dst_port_be,
+        tcp_flags: 0,
+        snat_addr: k.src_addr,
+        snat_port_be: k.src_port_be,
+        flags: v.flags & CT_F_PORT_REMAP,
+        ..*v
+    }
+}
+
 /// The client as the client sees itself, from reply entry (`k`, `v`): the
 /// reply's destination, or the original endpoint when the port was remapped.
 #[inline(always)]
@@ -181,14 +198,9 @@ mod tests {
             let pod_side_port = if flags == 0 { CLIENT.1 } else { snat.1 };
             assert_eq!((r.dst_addr, r.dst_port_be), (CLIENT.0, pod_side_port));
             // The reply entry the datapath writes for it.
-            let rv = CtValueV4 {
-                nat_addr: FRONTEND.0,
-                nat_port_be: FRONTEND.1,
-                snat_addr: CLIENT.0,
-                snat_port_be: CLIENT.1,
-                flags,
-                ..Default::default()
-            };
+            let rv = reply_value(&k, &v);
+            assert_eq!((rv.nat_addr, rv.nat_port_be), FRONTEND);
+            assert_eq!(rv.flags, flags);
             assert_eq!(forward_key_of_reply(&r, &rv), k);
             assert_eq!(client_of_reply(&r, &rv), CLIENT);
         }

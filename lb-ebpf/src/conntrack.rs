@@ -82,15 +82,17 @@ pub fn lookup_forward(key: &CtKeyV4, service_id: u32, tcp_flags: u8, now: u64) -
             Lookup::Stale
         };
     }
-    touch(ct, tcp_flags, now);
+    if touch(ct, tcp_flags, now) && ct.flags & CT_F_SNAT == 0 {
+        repair_reply(key, ct);
+    }
     Lookup::Hit(*ct, *be)
 }
 
 /// Merges `flags` into an entry's flags and refreshes its time, writing
-/// only on change. A SYN after the flow ended (FIN/RST seen) starts a new
+/// only on change; true if the time was refreshed (at most once a second). A SYN after the flow ended (FIN/RST seen) starts a new
 /// connection on the same 5-tuple: the old flags are cleared.
 #[inline(always)]
-pub fn touch_fields(tcp_flags: &mut u8, last_seen_ns: &mut u64, flags: u8, now: u64) {
+pub fn touch_fields(tcp_flags: &mut u8, last_seen_ns: &mut u64, flags: u8, now: u64) -> bool {
     let ended = CT_TCP_FIN_FWD | CT_TCP_FIN_REPLY | CT_TCP_RST;
     if flags & CT_TCP_SYN != 0 && *tcp_flags & ended != 0 {
         *tcp_flags = CT_TCP_SYN;
@@ -99,13 +101,15 @@ pub fn touch_fields(tcp_flags: &mut u8, last_seen_ns: &mut u64, flags: u8, now: 
     }
     if now.wrapping_sub(*last_seen_ns) > TOUCH_NS {
         *last_seen_ns = now;
+        return true;
     }
+    false
 }
 
 /// [`touch_fields`] on a conntrack entry.
 #[inline(always)]
-pub fn touch(ct: &mut CtValueV4, flags: u8, now: u64) {
-    touch_fields(&mut ct.tcp_flags, &mut ct.last_seen_ns, flags, now);
+pub fn touch(ct: &mut CtValueV4, flags: u8, now: u64) -> bool {
+    touch_fields(&mut ct.tcp_flags, &mut ct.last_seen_ns, flags, now)
 }
 
 /// What [`pin`] did.
@@ -173,14 +177,6 @@ pub fn pin(
     }
     let backend = (be.addr, be.port_be);
     let client = (pkt.src, pkt.sport_be);
-    let rev = CtValueV4 {
-        nat_addr: pkt.dst,
-        nat_port_be: pkt.dport_be,
-        tcp_flags: 0,
-        snat_addr: pkt.src,
-        snat_port_be: pkt.sport_be,
-        ..fwd
-    };
     let rkey = flow::local_reply_key(backend, client, pkt.proto);
     let mut remap = None;
     if reply_taken(&rkey, pkt, backend) {
@@ -188,12 +184,16 @@ pub fn pin(
         while i < PORT_REMAP_TRIES {
             let span = (u16::MAX - PORT_REMAP_LO) as u32 + 1;
             let port = (PORT_REMAP_LO + (hash.wrapping_add(i) % span) as u16).to_be();
-            let key = flow::local_reply_key(backend, (pkt.src, port), pkt.proto);
-            let value = CtValueV4 {
+            let remapped = CtValueV4 {
                 flags: CT_F_PORT_REMAP,
-                ..rev
+                snat_addr: pkt.src,
+                snat_port_be: port,
+                ..fwd
             };
-            if LB_CT_V4.insert(key, value, BPF_NOEXIST as u64).is_ok() {
+            let key = flow::partner_key(&fkey, &remapped);
+            let rev = flow::reply_value(&fkey, &remapped);
+            if LB_CT_V4.insert(key, rev, BPF_NOEXIST as u64).is_ok() {
+                fwd = remapped;
                 remap = Some((pkt.src, port));
                 break;
             }
@@ -203,17 +203,28 @@ pub fn pin(
             return Pinned::ReplyClash;
         }
     }
-    let reply_ok = remap.is_some() || LB_CT_V4.insert(rkey, rev, BPF_ANY as u64).is_ok();
-    if let Some((a, p)) = remap {
-        fwd.flags = CT_F_PORT_REMAP;
-        fwd.snat_addr = a;
-        fwd.snat_port_be = p;
-    }
+    let reply_ok = remap.is_some()
+        || LB_CT_V4
+            .insert(rkey, flow::reply_value(&fkey, &fwd), BPF_ANY as u64)
+            .is_ok();
     let fwd_ok = LB_CT_V4.insert(fkey, fwd, BPF_ANY as u64).is_ok();
     if reply_ok && fwd_ok {
         Pinned::Yes(remap)
     } else {
         Pinned::InsertFailed
+    }
+}
+
+/// Writes the reply entry of the local flow (`key`, `ct`) again if it is
+/// gone: per-CPU LRU lists can evict one half of a flow before the table is
+/// full, and without its reply entry the pod's answers would leave from the
+/// pod's own address. Called at most once a second per flow.
+#[inline(always)]
+fn repair_reply(key: &CtKeyV4, ct: &CtValueV4) {
+    let rkey = flow::partner_key(key, ct);
+    // SAFETY: only checks presence.
+    if unsafe { LB_CT_V4.get(&rkey) }.is_none() {
+        let _ = LB_CT_V4.insert(rkey, flow::reply_value(key, ct), BPF_NOEXIST as u64);
     }
 }
 

@@ -287,3 +287,24 @@ fn a_new_connection_on_an_old_tuple_of_a_terminating_pod_goes_to_a_ready_one() {
     let (_, out) = g.xdp(&tcp((CLIENT, kept), (NODE, 30090), true, b""));
     assert_ne!(dnat_target(&out), addr(P1));
 }
+
+#[test]
+fn a_local_flow_whose_reply_entry_was_evicted_gets_it_back_on_its_next_packet() {
+    if !privileged() {
+        return;
+    }
+    let mut g = Golden::new(&PODS);
+    g.xdp(&tcp((CLIENT, 47_100), (NODE, 30090), true, b""));
+    let pod = g.expected_backend(47_100, 30090, IPPROTO_TCP);
+    let fwd = g.ct(&fwd_key_of(47_100, 30090, IPPROTO_TCP)).unwrap();
+    let rkey = flow::partner_key(&fwd_key_of(47_100, 30090, IPPROTO_TCP), &fwd);
+    let mut m: HashMap<_, CtKeyV4, CtValueV4> =
+        HashMap::try_from(Map::LruHashMap(g.pinned(pin::CONNTRACK_V4))).unwrap();
+    m.remove(&rkey).unwrap();
+    // The entry is checked when the flow's time is refreshed (once a second).
+    std::thread::sleep(Duration::from_millis(1_100));
+    g.xdp(&tcp((CLIENT, 47_100), (NODE, 30090), false, b"x"));
+    assert!(g.ct(&rkey).is_some(), "reply entry written again");
+    let (_, back) = g.tc(&tcp(pod, (CLIENT, 47_100), false, b"y"));
+    assert_eq!(back, tcp((NODE, 30090), (CLIENT, 47_100), false, b"y"));
+}
