@@ -15,10 +15,7 @@ use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, rou
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::{
-    metrics::Metrics,
-    model::{BackendState, Desired},
-};
+use crate::{metrics::Metrics, model::Desired};
 
 /// State shared with the HTTP handlers.
 pub struct Shared {
@@ -94,12 +91,10 @@ impl HealthChecks {
                 name: name.name.clone(),
                 local_endpoints: 0,
             });
-            endpoints.entry(port).or_default().extend(
-                sp.backends
-                    .iter()
-                    .filter(|b| b.local && b.state == BackendState::Active)
-                    .map(|b| b.addr),
-            );
+            endpoints
+                .entry(port)
+                .or_default()
+                .extend(sp.ready_local_backends().map(|b| b.addr));
         }
         for (port, eps) in endpoints {
             if let Some(w) = want.get_mut(&port) {
