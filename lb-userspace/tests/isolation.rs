@@ -12,6 +12,13 @@ use lb_userspace::translate::{
     Capacity, SkipReason, SkippedPart, TranslateOptions, Translation, translate_with,
 };
 
+use lb_userspace::agent::Pipeline;
+use lb_userspace::health::{HttpLimits, HttpRuntime, Shared};
+use lb_userspace::metrics::Metrics;
+use lb_userspace::plan::{PlanConfig, frontend_key};
+use lb_userspace::writer::memory::MemoryMaps;
+use lb_userspace::writer::{MapState, MapWriter, Op};
+
 mod support;
 use support::{be, node_a, parse_str, service, slice, spn};
 
@@ -356,4 +363,204 @@ fn the_default_capacity_is_what_the_planner_accepts() {
         },
     );
     assert!(plan(&Default::default(), &d, &cfg).is_err());
+}
+
+// ------------------------------------------------- through the agent's sync
+
+/// A pipeline over in-memory maps, as the agent runs it, and its HTTP side.
+fn pipeline<W: MapWriter>(maps: W) -> (Pipeline<W>, std::sync::Arc<Shared>, HttpRuntime) {
+    let http = HttpRuntime::start(HttpLimits::default()).unwrap();
+    let shared = std::sync::Arc::new(Shared::new(Metrics::new("/nonexistent".into())));
+    let p = Pipeline::new(
+        node_a(),
+        TranslateOptions::default(),
+        PlanConfig::new(251).unwrap(),
+        maps,
+        shared.clone(),
+        http.health_checks(),
+    )
+    .unwrap();
+    (p, shared, http)
+}
+
+/// The service port names the maps hold (`LB_SVC_NAMES`).
+fn in_maps(maps: &MapState) -> Vec<String> {
+    maps.names.values().cloned().collect()
+}
+
+/// The value of `series` in the metrics text.
+fn metric(shared: &Shared, series: &str) -> Option<String> {
+    shared.metrics.encode().lines().find_map(|l| {
+        l.strip_prefix(series)
+            .and_then(|v| v.strip_prefix(' '))
+            .map(str::to_owned)
+    })
+}
+
+fn web(endpoints: &[&str]) -> String {
+    service(
+        "prod",
+        "web",
+        "2024-01-01T00:00:00Z",
+        "  type: NodePort\n  ports:\n  - {port: 80, nodePort: 30080}\n",
+    ) + &slice("prod", "web", 8080, endpoints)
+}
+
+#[test]
+fn a_tenant_service_does_not_freeze_the_sync_of_the_others() {
+    let (mut p, shared, _http) = pipeline(MemoryMaps::new());
+    p.sync(&parse_str(&web(&[READY_A]))).unwrap();
+    // A tenant lists the node's address as an externalIP on web's nodePort,
+    // another one asks for web's nodePort; web scales up meanwhile.
+    let tenants = [
+        service(
+            "aaa",
+            "grab",
+            "2025-06-01T00:00:00Z",
+            "  type: NodePort\n  externalIPs: [198.18.0.2]\n  ports:\n  - {port: 30080, nodePort: 30999}\n",
+        ),
+        service(
+            "aaa",
+            "same-port",
+            "2025-06-02T00:00:00Z",
+            "  type: NodePort\n  ports:\n  - {port: 80, nodePort: 30080}\n",
+        ),
+    ]
+    .concat();
+    let scaled = web(&[READY_A, "{addresses: [10.1.0.2], nodeName: node-a}"]) + &tenants;
+    p.sync(&parse_str(&scaled)).unwrap();
+    let maps = p.maps().read_state().unwrap();
+    assert_eq!(in_maps(&maps), ["prod/web", "aaa/grab"]);
+    let sid = maps.frontends[&frontend_key(NODE, 30080, Proto::Tcp)].service_id;
+    assert_eq!(maps.names[&sid], "prod/web");
+    assert_eq!(
+        maps.backends
+            .values()
+            .filter(|b| b.service_id == sid)
+            .count(),
+        2
+    );
+    for (reason, n) in [
+        ("invalid", "0"),
+        ("frontend_conflict", "1"),
+        ("external_ip_is_node_address", "1"),
+        ("capacity", "0"),
+    ] {
+        let series = format!("lb_skipped_service_ports{{reason=\"{reason}\"}}");
+        assert_eq!(metric(&shared, &series).as_deref(), Some(n), "{series}");
+    }
+    let listed: Vec<(String, String)> = shared
+        .skipped
+        .read()
+        .unwrap()
+        .iter()
+        .map(|s| (s.object.clone(), s.reason.name().to_owned()))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            (
+                "Service aaa/grab".into(),
+                "external_ip_is_node_address".into()
+            ),
+            ("Service aaa/same-port".into(), "frontend_conflict".into()),
+        ]
+    );
+    assert_eq!(
+        metric(&shared, "lb_syncs_total{result=\"ok\"}").as_deref(),
+        Some("2")
+    );
+    // Once the tenants are gone, nothing is reported any more.
+    p.sync(&parse_str(&web(&[READY_A]))).unwrap();
+    assert_eq!(
+        metric(
+            &shared,
+            "lb_skipped_service_ports{reason=\"frontend_conflict\"}"
+        )
+        .as_deref(),
+        Some("0")
+    );
+    assert!(shared.skipped.read().unwrap().is_empty());
+}
+
+/// Each frontend with its service's name and backends, ids replaced by names.
+fn named(maps: &MapState) -> Vec<(String, String, Vec<[u8; 4]>)> {
+    maps.frontends
+        .iter()
+        .map(|(k, v)| {
+            let backends = maps
+                .backends
+                .values()
+                .filter(|b| b.service_id == v.service_id)
+                .map(|b| b.addr)
+                .collect();
+            (
+                format!("{:?}:{}", k.addr, u16::from_be(k.port_be)),
+                maps.names[&v.service_id].clone(),
+                backends,
+            )
+        })
+        .collect()
+}
+
+/// In-memory maps whose first `apply` stops with an error after `after` ops,
+/// as a map update refused by the kernel would.
+struct FailOnce {
+    maps: MemoryMaps,
+    after: Option<usize>,
+}
+
+impl MapWriter for FailOnce {
+    fn apply(&mut self, ops: &[Op]) -> lb_userspace::error::Result<()> {
+        match self.after.take() {
+            Some(n) if n < ops.len() => {
+                self.maps.apply(&ops[..n])?;
+                Err(lb_userspace::error::Error::Datapath(
+                    "map update refused".into(),
+                ))
+            }
+            _ => self.maps.apply(ops),
+        }
+    }
+
+    fn read_state(&self) -> lb_userspace::error::Result<MapState> {
+        self.maps.read_state()
+    }
+}
+
+#[test]
+fn a_sync_tried_again_after_a_failed_write_completes_the_maps() {
+    let objs = parse_str(
+        &[
+            web(&[READY_A]),
+            service(
+                "d",
+                "other",
+                "",
+                "  type: NodePort\n  ports:\n  - {port: 80, nodePort: 30081}\n",
+            ),
+        ]
+        .concat(),
+    );
+    let (mut p, shared, _http) = pipeline(FailOnce {
+        maps: MemoryMaps::new(),
+        after: Some(2),
+    });
+    assert!(p.sync(&objs).is_err());
+    assert_eq!(
+        metric(&shared, "lb_syncs_total{result=\"error\"}").as_deref(),
+        Some("1")
+    );
+    // What the agent's retry does: the same objects again.
+    p.sync(&objs).unwrap();
+    let (mut fresh, _, _http2) = pipeline(MemoryMaps::new());
+    fresh.sync(&objs).unwrap();
+    // The same services, frontends and backends as a sync that never
+    // failed (ids may differ), and nothing dangling.
+    p.maps().maps.check_references().unwrap();
+    assert_eq!(named(&p.maps().maps), named(fresh.maps()));
+    assert_eq!(
+        in_maps(&p.maps().read_state().unwrap()),
+        ["d/other", "prod/web"]
+    );
 }
