@@ -91,8 +91,9 @@ pub struct RunArgs {
     /// Static source instead of Kubernetes: Service and EndpointSlice
     /// objects in a YAML file as printed by `kubectl get
     /// svc,endpointslices -A -o yaml`, or a directory of such files.
-    /// Re-read on SIGHUP; a bad file is rejected and the last good state
-    /// kept.
+    /// Re-read on SIGHUP; a file that does not parse is rejected and the
+    /// last good state kept; objects that parse but cannot be balanced are
+    /// left out and reported (/skipped), and the others synced.
     #[arg(short, long, value_name = "FILE_OR_DIR")]
     pub manifests: Option<PathBuf>,
 
