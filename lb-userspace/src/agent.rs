@@ -8,13 +8,15 @@
 //! against what the datapath really holds, keeps service and backend ids,
 //! and (attached through pinned links) never leaves the interface without
 //! a program. With Kubernetes, nothing is planned before every watched kind
-//! has been listed once.
+//! has been listed once. Objects that cannot be balanced are left out and
+//! reported, never a reason to stop syncing the others; a sync whose map
+//! writes fail is tried again with a [`Backoff`].
 
 use std::{
     collections::BTreeSet,
     net::{Ipv4Addr, SocketAddr},
     sync::{Arc, atomic::Ordering},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use tokio::signal::unix::{SignalKind, signal};
@@ -23,12 +25,12 @@ use tracing::{error, info, warn};
 use crate::{
     cli::RunArgs,
     error::{Error, Result},
-    health::{self, HealthChecks, Shared},
+    health::{HealthChecks, HttpLimits, HttpRuntime, Shared},
     loader::{Datapath, LoadOptions},
-    metrics::{Metrics, Names, ResultLabel, StateLabel},
+    metrics::{Metrics, Names, ReasonLabel, ResultLabel, StateLabel},
     plan::{PlanConfig, plan},
     source::{Objects, kube::KubeSource, manifests},
-    translate::{NodeContext, translate},
+    translate::{NodeContext, SkipReason, Skipped, TranslateOptions, translate_with},
     writer::{MapState, MapWriter, kernel::KernelMaps},
 };
 
@@ -48,23 +50,65 @@ pub fn interface_addrs(ifaces: &[String]) -> Result<Vec<Ipv4Addr>> {
     Ok(out.into_iter().collect())
 }
 
-/// Everything one sync needs and updates.
-pub struct Pipeline {
+/// Every IPv4 address of this host, on any interface (externalIPs equal to
+/// one of them are refused unless allowed).
+pub fn host_addrs() -> Result<BTreeSet<Ipv4Addr>> {
+    let addrs = nix::ifaddrs::getifaddrs()
+        .map_err(|e| Error::Datapath(format!("listing interface addresses: {e}")))?;
+    Ok(addrs
+        .filter_map(|a| a.address.as_ref()?.as_sockaddr_in().map(|s| s.ip()))
+        .collect())
+}
+
+/// Everything one sync needs and updates. `W` is the map writer: the
+/// pinned maps in the agent, [`crate::writer::memory::MemoryMaps`] in tests.
+pub struct Pipeline<W = KernelMaps> {
     node: NodeContext,
+    opts: TranslateOptions,
     cfg: PlanConfig,
-    maps: KernelMaps,
+    maps: W,
     current: MapState,
     warned: BTreeSet<String>,
     shared: Arc<Shared>,
     health_checks: HealthChecks,
 }
 
-impl Pipeline {
+impl<W: MapWriter> Pipeline<W> {
+    /// A pipeline that plans against what `maps` hold now.
+    pub fn new(
+        node: NodeContext,
+        opts: TranslateOptions,
+        cfg: PlanConfig,
+        maps: W,
+        shared: Arc<Shared>,
+        health_checks: HealthChecks,
+    ) -> Result<Self> {
+        let current = maps.read_state()?;
+        Ok(Self {
+            node,
+            opts,
+            cfg,
+            maps,
+            current,
+            warned: BTreeSet::new(),
+            shared,
+            health_checks,
+        })
+    }
+
+    /// The maps this pipeline writes.
+    pub fn maps(&self) -> &W {
+        &self.maps
+    }
+
     /// Translates `objects`, plans against the maps and applies. Returns the
-    /// number of operations written.
-    pub async fn sync(&mut self, objects: &Objects) -> Result<usize> {
+    /// number of operations written. Objects that cannot be balanced are
+    /// left out, logged (once per message) and reported (`/skipped`,
+    /// `lb_skipped_service_ports`); everything else is synced. Fails only
+    /// when the maps cannot be written (the caller retries).
+    pub fn sync(&mut self, objects: &Objects) -> Result<usize> {
         let started = Instant::now();
-        let r = self.sync_inner(objects).await;
+        let r = self.sync_inner(objects);
         let m = &self.shared.metrics;
         m.sync_seconds.observe(started.elapsed().as_secs_f64());
         let result = if r.is_ok() { "ok" } else { "error" };
@@ -72,13 +116,22 @@ impl Pipeline {
         r
     }
 
-    async fn sync_inner(&mut self, objects: &Objects) -> Result<usize> {
-        let tr = translate(objects, &self.node)?;
-        for w in tr.warnings {
+    fn sync_inner(&mut self, objects: &Objects) -> Result<usize> {
+        let tr = translate_with(objects, &self.node, &self.opts);
+        for w in &tr.warnings {
             if self.warned.insert(w.clone()) {
                 warn!("{w}");
             }
         }
+        for s in &tr.skipped {
+            let line = format!("{s} ({}: left out)", s.reason.name());
+            if self.warned.insert(line.clone()) {
+                warn!("{line}");
+            }
+        }
+        self.report_skipped(&tr.skipped);
+        // Cannot fail on the objects: translation leaves out what would
+        // conflict or not fit. An error here is a bug, reported as a failed sync.
         let ops = plan(&self.current, &tr.desired, &self.cfg)?;
         if let Err(e) = self.maps.apply(&ops) {
             // Part of the plan may be in the maps: read them back before the next try.
@@ -88,16 +141,40 @@ impl Pipeline {
         for op in &ops {
             self.current.apply_op(op);
         }
-        self.health_checks.update(&tr.desired).await;
+        self.health_checks.update(&tr.desired);
         self.publish(&tr.desired);
         info!(
             services = tr.desired.services.len(),
+            skipped = tr.skipped.len(),
             frontends = self.current.frontends.len(),
             backends = self.current.backends.len(),
             ops = ops.len(),
             "synced"
         );
         Ok(ops.len())
+    }
+
+    /// `lb_skipped_service_ports{reason}` (distinct service ports per
+    /// reason) and the `/skipped` list.
+    fn report_skipped(&self, skipped: &[Skipped]) {
+        for reason in SkipReason::ALL {
+            let ports: BTreeSet<&String> = skipped
+                .iter()
+                .filter(|s| s.reason == reason)
+                .flat_map(|s| &s.service_ports)
+                .collect();
+            let label = ReasonLabel {
+                reason: reason.name(),
+            };
+            self.shared
+                .metrics
+                .skipped
+                .get_or_create(&label)
+                .set(ports.len() as i64);
+        }
+        if let Ok(mut list) = self.shared.skipped.write() {
+            *list = skipped.to_vec();
+        }
     }
 
     fn publish(&self, desired: &crate::model::Desired) {
@@ -128,10 +205,48 @@ impl Pipeline {
     }
 }
 
+/// When to try a failed sync again: 100 ms after the first failure,
+/// doubling up to 10 s; a success starts over.
+#[derive(Clone, Debug)]
+pub struct Backoff {
+    next: Duration,
+    first: Duration,
+    max: Duration,
+}
+
+impl Default for Backoff {
+    /// 100 ms doubling to 10 s.
+    fn default() -> Self {
+        Self::new(Duration::from_millis(100), Duration::from_secs(10))
+    }
+}
+
+impl Backoff {
+    /// `first` after the first failure, doubling up to `max`.
+    pub fn new(first: Duration, max: Duration) -> Self {
+        Self {
+            next: first,
+            first,
+            max,
+        }
+    }
+
+    /// The wait before the next try, after one more failure.
+    pub fn failed(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.max);
+        d
+    }
+
+    /// A success: the next failure waits `first` again.
+    pub fn succeeded(&mut self) {
+        self.next = self.first;
+    }
+}
+
 /// Starts the garbage collector of the conntrack and NAT tables on its own
 /// thread (it only reads and deletes map entries).
 fn spawn_gc(pin_dir: &std::path::Path, args: &RunArgs, shared: Arc<Shared>) -> Result<()> {
-    use std::time::Duration;
     let closer = crate::loader::FlowCloser::open(&LoadOptions {
         bpffs_root: args.bpffs_root.clone(),
         ct_capacity: args.conntrack_capacity,
@@ -174,11 +289,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         node_addrs: interface_addrs(&args.interfaces)?,
     };
     info!(node = %node.node_name, addrs = ?node.node_addrs, "node addresses");
+    let opts = TranslateOptions {
+        allow_external_ip_node_address: args.allow_external_ip_node_address,
+        other_node_addrs: host_addrs()?,
+        ..Default::default()
+    };
 
     let mut source = match &args.manifests {
         Some(path) => {
-            // Validate before touching the kernel.
-            translate(&manifests::load(path)?, &node)?;
+            // Read before touching the kernel: a file that does not parse
+            // stops the start; objects that do not translate are left out
+            // and reported by the first sync.
+            manifests::load(path)?;
             Source::Manifests(path.clone())
         }
         None => {
@@ -207,36 +329,26 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     })?;
     info!(%snat_addr, ports = %format!("{lo}-{hi}"), "forwarding to other nodes with SNAT");
     let maps = KernelMaps::from_ebpf(&mut dp.ebpf)?;
-    let current = maps.read_state()?;
-    if !current.frontends.is_empty() {
-        info!(
-            frontends = current.frontends.len(),
-            backends = current.backends.len(),
-            "serving what the pinned maps hold until the first full sync"
-        );
-    }
-    let shared = Arc::new(Shared {
-        metrics: Metrics::new(dp.pin_dir.clone()),
-        ready: Default::default(),
-    });
-    let _http = match args.metrics_addr.as_str() {
-        "off" => None,
+    let shared = Arc::new(Shared::new(Metrics::new(dp.pin_dir.clone())));
+    // The HTTP servers run on their own thread: see `health`.
+    let http = HttpRuntime::start(HttpLimits::default())?;
+    match args.metrics_addr.as_str() {
+        "off" => {}
         a => {
             let addr: SocketAddr = a
                 .parse()
                 .map_err(|e| Error::Config(format!("--metrics-addr {a}: {e}")))?;
-            Some(health::serve(addr, shared.clone()).await?)
+            http.serve(addr, shared.clone())?;
         }
-    };
-    let mut pipeline = Pipeline {
-        node,
-        cfg,
-        maps,
-        current,
-        warned: BTreeSet::new(),
-        shared: shared.clone(),
-        health_checks: HealthChecks::default(),
-    };
+    }
+    let mut pipeline = Pipeline::new(node, opts, cfg, maps, shared.clone(), http.health_checks())?;
+    if !pipeline.current.frontends.is_empty() {
+        info!(
+            frontends = pipeline.current.frontends.len(),
+            backends = pipeline.current.backends.len(),
+            "serving what the pinned maps hold until the first full sync"
+        );
+    }
 
     spawn_gc(&dp.pin_dir, &args, shared.clone())?;
 
@@ -248,10 +360,24 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             return Err(e.into());
         }
     }
+    // The objects of the last sync: what a failed sync retries with (the
+    // Kubernetes source hands out a fresh snapshot instead).
+    let mut last_objects: Option<Objects> = None;
+    let mut backoff = Backoff::default();
+    let mut retry_at: Option<tokio::time::Instant> = None;
     if let Source::Manifests(path) = &source {
         let objects = manifests::load(path)?;
-        pipeline.sync(&objects).await?;
-        shared.ready.store(true, Ordering::Relaxed);
+        match pipeline.sync(&objects) {
+            Ok(_) => {
+                shared.ready.store(true, Ordering::Relaxed);
+            }
+            Err(e) => {
+                let wait = backoff.failed();
+                error!("sync failed, trying again in {wait:?}: {e}");
+                retry_at = Some(tokio::time::Instant::now() + wait);
+            }
+        }
+        last_objects = Some(objects);
     } else {
         info!("waiting for the initial list of Services, EndpointSlices and the Node");
     }
@@ -266,35 +392,61 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 Source::Manifests(_) => std::future::pending().await,
             }
         };
-        tokio::select! {
+        let retry = async {
+            match retry_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        // Objects to sync now, if any.
+        let objects: Option<Objects> = tokio::select! {
             _ = hup.recv() => {
                 let Source::Manifests(path) = &source else {
                     info!("SIGHUP ignored: the Kubernetes source needs no reload");
                     continue;
                 };
                 info!(manifests = %path.display(), "SIGHUP: reloading");
-                let r = match manifests::load(path) {
-                    Ok(objects) => pipeline.sync(&objects).await,
-                    Err(e) => Err(e),
-                };
-                if let Err(e) = r {
-                    error!("reload rejected, keeping the last good state: {e}");
+                match manifests::load(path) {
+                    Ok(objects) => Some(objects),
+                    Err(e) => {
+                        error!("reload rejected, keeping the last good state: {e}");
+                        continue;
+                    }
                 }
             }
             Some(()) = kube_changed => {
                 let Source::Kube(src, _) = &source else { continue };
-                let Some(objects) = src.snapshot() else { continue };
-                match pipeline.sync(&objects).await {
-                    Ok(_) => {
-                        if !shared.ready.swap(true, Ordering::Relaxed) {
-                            info!("first full sync done: ready");
-                        }
-                    }
-                    Err(e) => error!("sync failed, keeping the last good state: {e}"),
+                src.snapshot()
+            }
+            () = retry => {
+                retry_at = None;
+                match &source {
+                    Source::Kube(src, _) => src.snapshot(),
+                    Source::Manifests(_) => last_objects.take(),
                 }
             }
             _ = term.recv() => { info!("SIGTERM"); break; }
             _ = int.recv() => { info!("SIGINT"); break; }
+        };
+        let Some(objects) = objects else { continue };
+        match pipeline.sync(&objects) {
+            Ok(_) => {
+                backoff.succeeded();
+                retry_at = None;
+                if !shared.ready.swap(true, Ordering::Relaxed) {
+                    info!("first full sync done: ready");
+                }
+            }
+            Err(e) => {
+                // The maps may hold part of the plan: try again soon, not
+                // only at the next change.
+                let wait = backoff.failed();
+                error!("sync failed, trying again in {wait:?}: {e}");
+                retry_at = Some(tokio::time::Instant::now() + wait);
+            }
+        }
+        if matches!(source, Source::Manifests(_)) {
+            last_objects = Some(objects);
         }
     }
     if args.keep_datapath_on_exit {
@@ -304,5 +456,23 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         dp.detach_all();
         info!("stopped; maps stay pinned under {}", dp.pin_dir.display());
     }
+    drop(http);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_100_ms_to_10_s_and_starts_over_after_a_success() {
+        let mut b = Backoff::default();
+        let waits: Vec<u128> = (0..9).map(|_| b.failed().as_millis()).collect();
+        assert_eq!(
+            waits,
+            [100, 200, 400, 800, 1600, 3200, 6400, 10_000, 10_000]
+        );
+        b.succeeded();
+        assert_eq!(b.failed(), Duration::from_millis(100));
+    }
 }

@@ -91,8 +91,9 @@ pub struct RunArgs {
     /// Static source instead of Kubernetes: Service and EndpointSlice
     /// objects in a YAML file as printed by `kubectl get
     /// svc,endpointslices -A -o yaml`, or a directory of such files.
-    /// Re-read on SIGHUP; a bad file is rejected and the last good state
-    /// kept.
+    /// Re-read on SIGHUP; a file that does not parse is rejected and the
+    /// last good state kept; objects that parse but cannot be balanced are
+    /// left out and reported (/skipped), and the others synced.
     #[arg(short, long, value_name = "FILE_OR_DIR")]
     pub manifests: Option<PathBuf>,
 
@@ -123,10 +124,21 @@ pub struct RunArgs {
     #[arg(long, default_value_t = lb_common::CT_DEFAULT_CAPACITY, value_name = "N")]
     pub conntrack_capacity: u32,
 
-    /// Address of the HTTP server for /metrics (Prometheus), /healthz and
-    /// /readyz (ready after the first full sync). `off` disables it.
+    /// Address of the HTTP server for /metrics (Prometheus), /healthz,
+    /// /readyz (ready after the first full sync) and /skipped (objects left
+    /// out, as JSON). `off` disables it. /metrics and /skipped name
+    /// services and pod addresses: bind to 127.0.0.1 or a node-internal
+    /// address unless the port is firewalled.
     #[arg(long, default_value = "0.0.0.0:9995", value_name = "ADDR:PORT|off")]
     pub metrics_addr: String,
+
+    /// Accept `spec.externalIPs` entries that are addresses of this node.
+    /// By default they are refused (and reported, reason
+    /// `external_ip_is_node_address`): any user who can create a Service
+    /// could otherwise capture traffic meant for the node itself (its
+    /// NodePorts, the kubelet, sshd) — CVE-2020-8554.
+    #[arg(long)]
+    pub allow_external_ip_node_address: bool,
 
     /// On SIGINT/SIGTERM leave the programs attached (their links stay
     /// pinned) so traffic keeps flowing until the next agent takes over

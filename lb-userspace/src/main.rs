@@ -20,6 +20,9 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => {
             init_logs(&args.log_level, args.log_format);
+            // One thread for the sync and the watchers; the HTTP servers
+            // run on their own (`health::HttpRuntime`), the garbage
+            // collector on another.
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;

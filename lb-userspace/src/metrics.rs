@@ -41,6 +41,13 @@ pub struct StateLabel {
     pub state: &'static str,
 }
 
+/// Label set `{reason="invalid"|"frontend_conflict"|…}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// [`crate::translate::SkipReason::name`].
+    pub reason: &'static str,
+}
+
 /// Names of what the maps hold, for labels: service id → `ns/name:port`,
 /// backend id → (service, `ip:port`).
 #[derive(Clone, Debug, Default)]
@@ -98,6 +105,9 @@ pub struct Metrics {
     pub sync_seconds: Histogram,
     /// `lb_syncs_total{result}`.
     pub syncs: Family<ResultLabel, Counter>,
+    /// `lb_skipped_service_ports{reason}`: service ports the last sync left
+    /// out in whole or in part, by reason (`/skipped` lists them).
+    pub skipped: Family<ReasonLabel, Gauge>,
     /// Names for the datapath collector's labels.
     pub names: Arc<RwLock<Names>>,
     /// `lb_conntrack_entries`: conntrack fill level at the last collection.
@@ -137,6 +147,13 @@ impl Metrics {
             sync_seconds.clone(),
         );
         registry.register("syncs", "Syncs of the maps, by result", syncs.clone());
+        let skipped = Family::<ReasonLabel, Gauge>::default();
+        registry.register(
+            "skipped_service_ports",
+            "Service ports left out of the last sync, in whole or in part (a refused \
+             externalIP, an invalid endpoint), by reason; /skipped lists them",
+            skipped.clone(),
+        );
         let ct_entries = Gauge::default();
         let nat_entries = Gauge::default();
         let gc_removed = Counter::default();
@@ -167,6 +184,7 @@ impl Metrics {
             backends,
             sync_seconds,
             syncs,
+            skipped,
             names,
             ct_entries,
             nat_entries,

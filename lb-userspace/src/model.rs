@@ -70,6 +70,16 @@ impl ServicePort {
             .iter()
             .filter(|b| b.state == BackendState::Active)
     }
+
+    /// The ready endpoints on this node: what a `healthCheckNodePort`
+    /// counts (kube-proxy's rule). Serving-and-terminating endpoints taken
+    /// as the KEP-1669 fallback are Active but not ready: a node left with
+    /// only those must fail its health check so that the load balancer
+    /// drains it.
+    pub fn ready_local_backends(&self) -> impl Iterator<Item = &Backend> {
+        self.active_backends()
+            .filter(|b| b.local && !self.terminating_fallback)
+    }
 }
 
 /// One destination (address, port, protocol) that reaches a service port.

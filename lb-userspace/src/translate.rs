@@ -1,9 +1,11 @@
 //! Kubernetes objects → desired state, with kube-proxy's semantics.
 //!
-//! * Services of `spec.type` NodePort and LoadBalancer are balanced;
-//!   ClusterIP and ExternalName ones, headless ones (`clusterIP: None`) and
-//!   ones labelled `service.kubernetes.io/service-proxy-name` (they belong to
-//!   another proxy) are skipped.
+//! * Services of `spec.type` NodePort and LoadBalancer are balanced, and
+//!   so are the `spec.externalIPs` of ClusterIP ones (as kube-proxy does:
+//!   ExternalIp frontends only, no nodePort). ExternalName ones, ClusterIP
+//!   ones without externalIPs, headless ones (`clusterIP: None`) and ones
+//!   labelled `service.kubernetes.io/service-proxy-name` (they belong to
+//!   another proxy) are skipped silently.
 //! * One [`ServicePort`] per entry of `spec.ports`, TCP (default) or UDP;
 //!   SCTP ports are skipped with a warning.
 //! * Frontends: the nodePort on every node address, each IPv4
@@ -18,14 +20,39 @@
 //! * Conditions: ready (nil means true) → Active; not ready but serving and
 //!   terminating → Terminating, or Active when the service port has no ready
 //!   endpoint at all (KEP-1669); otherwise left out.
-//! * Endpoints on other nodes are kept with `local: false`; the planner
-//!   leaves them out for now, and one warning per service port says so.
+//! * Endpoints on other nodes are kept with `local: false`.
+//!
+//! One bad object never stops the others. [`translate_with`] leaves out
+//! what it cannot balance and reports each part in [`Translation::skipped`]
+//! with a [`SkipReason`], naming the object and the field:
+//!
+//! * `invalid`: an invalid Service-wide field leaves the whole Service out
+//!   (ignoring only that field could open it wider than asked); an invalid
+//!   port field, that port; an invalid EndpointSlice port or address, those
+//!   endpoints.
+//! * `external_ip_is_node_address`: an externalIPs entry that is an address
+//!   of this node is refused (it would capture the node's own traffic,
+//!   CVE-2020-8554) unless [`TranslateOptions::allow_external_ip_node_address`];
+//!   the rest of the Service is balanced.
+//! * `frontend_conflict`: a service port with a frontend (address, port,
+//!   protocol) that an earlier service port already holds is left out,
+//!   whole. Services are taken oldest first ([`older_first`]:
+//!   `creationTimestamp`, then namespace, then name; ports in `spec.ports`
+//!   order), so the winner is the same on every node and at every sync, and
+//!   a newer Service can never take a frontend from an older one.
+//! * `capacity`: in the same order, a service port that would not fit in
+//!   the maps ([`Capacity`]) is left out: the newest go first.
+//!
+//! The desired state therefore always plans: no frontend is claimed twice
+//! and it fits in the maps ([`crate::plan::plan`] still checks both).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use lb_common::{MAX_BACKENDS, MAX_FRONTENDS, MAX_SERVICES};
 
 use crate::error::{Error, Result};
 use crate::model::{
@@ -61,14 +88,163 @@ pub struct Translation {
     pub desired: Desired,
     /// Things skipped or left out that a user may want to know about.
     pub warnings: Vec<String>,
+    /// Objects, or parts of objects, left out of `desired` because they are
+    /// invalid or collide with older ones; each names what to fix.
+    pub skipped: Vec<Skipped>,
 }
 
-/// Turns Services and EndpointSlices into the desired state of `node`.
-///
-/// Fails on the first invalid field (bad address, port out of range, missing
-/// nodePort, frontend claimed by two service ports), naming the object and
-/// the field (and the file, when the objects came from files).
+/// Settings of [`translate_with`] that do not describe the node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TranslateOptions {
+    /// Accept `spec.externalIPs` entries that are addresses of this node
+    /// (refused by default: they let any Service capture the node's own
+    /// traffic, CVE-2020-8554).
+    pub allow_external_ip_node_address: bool,
+    /// Addresses of this node besides [`NodeContext::node_addrs`] (those of
+    /// interfaces the datapath is not attached to), refused as externalIPs
+    /// like them.
+    pub other_node_addrs: BTreeSet<Ipv4Addr>,
+    /// What the maps hold; service ports beyond it are skipped.
+    pub capacity: Capacity,
+}
+
+impl Default for TranslateOptions {
+    /// Node addresses refused as externalIPs, the maps' capacity.
+    fn default() -> Self {
+        Self {
+            allow_external_ip_node_address: false,
+            other_node_addrs: BTreeSet::new(),
+            capacity: Capacity::MAPS,
+        }
+    }
+}
+
+/// How many service ports, frontends and backends the desired state may hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    /// Service ports with at least one frontend.
+    pub service_ports: usize,
+    /// Frontends, over all service ports.
+    pub frontends: usize,
+    /// Backends, over all service ports with a frontend.
+    pub backends: usize,
+}
+
+impl Capacity {
+    /// What the datapath maps hold (ids 0 of services and backends are
+    /// reserved); [`crate::plan::plan`] refuses anything larger.
+    pub const MAPS: Capacity = Capacity {
+        service_ports: MAX_SERVICES as usize - 1,
+        frontends: MAX_FRONTENDS as usize,
+        backends: MAX_BACKENDS as usize - 1,
+    };
+}
+
+/// Why something was left out of the desired state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SkipReason {
+    /// A field has a value translation cannot use.
+    Invalid,
+    /// A frontend (address, port, protocol) is already claimed by an older
+    /// Service (or an earlier port of the same Service).
+    FrontendConflict,
+    /// A `spec.externalIPs` entry is an address of this node.
+    ExternalIpIsNodeAddress,
+    /// The desired state would not fit in the maps.
+    Capacity,
+}
+
+impl SkipReason {
+    /// Every reason, in order.
+    pub const ALL: [SkipReason; 4] = [
+        SkipReason::Invalid,
+        SkipReason::FrontendConflict,
+        SkipReason::ExternalIpIsNodeAddress,
+        SkipReason::Capacity,
+    ];
+
+    /// The metric label and JSON value: `invalid`, `frontend_conflict`,
+    /// `external_ip_is_node_address`, `capacity`.
+    pub fn name(self) -> &'static str {
+        match self {
+            SkipReason::Invalid => "invalid",
+            SkipReason::FrontendConflict => "frontend_conflict",
+            SkipReason::ExternalIpIsNodeAddress => "external_ip_is_node_address",
+            SkipReason::Capacity => "capacity",
+        }
+    }
+}
+
+/// How much of its service ports a [`Skipped`] entry left out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SkippedPart {
+    /// The service ports themselves: nothing of them is balanced.
+    ServicePorts,
+    /// One frontend of each (a refused externalIPs entry); the rest syncs.
+    Frontend,
+    /// Endpoints of an EndpointSlice; the service ports sync without them.
+    Endpoints,
+}
+
+/// One object, or part of one, left out of the desired state.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Skipped {
+    /// Why.
+    pub reason: SkipReason,
+    /// What of the service ports was left out.
+    pub part: SkippedPart,
+    /// The object to fix: `Service namespace/name` or `EndpointSlice …`.
+    pub object: String,
+    /// The manifest the object was read from, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<std::path::PathBuf>,
+    /// Path of the offending field, e.g. `spec.externalIPs[0]`.
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+    /// The service ports that lost something, as `ns/name:port`.
+    pub service_ports: Vec<String>,
+}
+
+impl Skipped {
+    /// The same report as an [`Error::Invalid`].
+    pub fn to_error(&self) -> Error {
+        Error::invalid(&self.object, &self.field, &self.message).in_file(self.file.as_deref())
+    }
+}
+
+impl std::fmt::Display for Skipped {
+    /// As [`Error::Invalid`]: `file: Kind ns/name: field: message`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.to_error().fmt(f)
+    }
+}
+
+/// Turns Services and EndpointSlices into the desired state of `node`, and
+/// insists that every object translates: fails with the first entry
+/// [`translate_with`] would skip (bad address, port out of range, missing
+/// nodePort, frontend claimed by two service ports, an externalIP that is a
+/// node address, …), naming the object and the field (and the file, when
+/// the objects came from files). For tools and tests that validate
+/// manifests; the agent uses [`translate_with`].
 pub fn translate(objs: &Objects, node: &NodeContext) -> Result<Translation> {
+    let t = translate_with(objs, node, &TranslateOptions::default());
+    match t.skipped.first() {
+        Some(s) => Err(s.to_error()),
+        None => Ok(t),
+    }
+}
+
+/// Turns Services and EndpointSlices into the desired state of `node`,
+/// leaving out what cannot be balanced and reporting each part left out in
+/// [`Translation::skipped`]; everything else is translated.
+///
+/// Services are taken oldest first (see [`older_first`]): when two claim
+/// one frontend, or the maps cannot hold them all, the newer one loses.
+pub fn translate_with(objs: &Objects, node: &NodeContext, opts: &TranslateOptions) -> Translation {
     let mut slices: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
     for slice in &objs.slices {
         let labels = slice.metadata.labels.as_ref();
@@ -77,228 +253,241 @@ pub fn translate(objs: &Objects, node: &NodeContext) -> Result<Translation> {
             slices.entry((ns, svc.as_str())).or_default().push(slice);
         }
     }
+    let mut services: Vec<&Service> = objs.services.iter().collect();
+    services.sort_by(|a, b| older_first(a, b));
 
-    let mut out = Translation::default();
-    // Which service port claimed each (addr, port, proto).
-    let mut claims: BTreeMap<(Ipv4Addr, u16, Proto), ServicePortName> = BTreeMap::new();
-    for svc in &objs.services {
+    let mut st = State {
+        out: Translation::default(),
+        claims: BTreeMap::new(),
+        used: Capacity {
+            service_ports: 0,
+            frontends: 0,
+            backends: 0,
+        },
+        slice_problems: BTreeMap::new(),
+    };
+    for svc in services {
         let obj = ObjectRef::service(svc);
-        let fail = |field: &str, msg: String| {
-            Error::invalid(obj.to_string(), field, msg).in_file(objs.origin(&obj))
-        };
         let svc_slices = slices
             .get(&(obj.namespace.as_str(), obj.name.as_str()))
             .map(Vec::as_slice)
             .unwrap_or_default();
-        translate_service(
-            svc,
-            &obj,
-            svc_slices,
-            objs,
-            node,
-            &mut claims,
-            &mut out,
-            &fail,
-        )?;
+        translate_service(svc, &obj, svc_slices, objs, node, opts, &mut st);
     }
-    Ok(out)
+    st.out.skipped.extend(st.slice_problems.into_values());
+    st.out
 }
 
-/// Where a frontend came from, for error messages.
+/// The order in which Services claim frontends and capacity: the older
+/// `metadata.creationTimestamp` first (a Service without one counts as the
+/// newest), then namespace, then name. Every node sees the same objects, so
+/// every node (and every sync) picks the same winner, and a Service created
+/// later can never take a frontend from one that already has it.
+pub fn older_first(a: &Service, b: &Service) -> std::cmp::Ordering {
+    let key = |s: &Service| {
+        let created = s.metadata.creation_timestamp.as_ref();
+        (
+            created.is_none(),
+            created.cloned(),
+            s.metadata.namespace.clone().unwrap_or_default(),
+            s.metadata.name.clone().unwrap_or_default(),
+        )
+    };
+    key(a).cmp(&key(b))
+}
+
+/// What translation accumulates over the Services.
+struct State {
+    out: Translation,
+    /// Which service port holds each (addr, port, proto).
+    claims: BTreeMap<(Ipv4Addr, u16, Proto), ServicePortName>,
+    /// What the service ports admitted so far take of the maps.
+    used: Capacity,
+    /// Invalid EndpointSlice fields, by (object, field): reported once
+    /// whichever service ports read them.
+    slice_problems: BTreeMap<(String, String), Skipped>,
+}
+
+/// Where a frontend came from, for reports.
 struct Claim {
     frontend: Frontend,
     field: String,
 }
 
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one private step of translate, sharing its state"
-)]
+/// A field translation cannot use: (field path, what is wrong).
+type Bad = (String, String);
+
+/// What every port of a Service shares.
+struct Common {
+    affinity: SessionAffinity,
+    traffic_policy: TrafficPolicy,
+    source_ranges: Vec<Ipv4Cidr>,
+    policy: BalancingPolicy,
+    health_check_node_port: Option<u16>,
+    /// Addresses besides node addresses that frontends open on, with the
+    /// field declaring each.
+    lb_ips: Vec<(Ipv4Addr, String)>,
+    external_ips: Vec<(Ipv4Addr, String)>,
+}
+
+/// Which ports a Service of each type opens.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Exposure {
+    /// `ClusterIP` with `spec.externalIPs`: those only.
+    ExternalIps,
+    /// `NodePort`: node ports and external IPs.
+    NodePort,
+    /// `LoadBalancer`: node ports (unless not allocated), load-balancer IPs
+    /// and external IPs.
+    LoadBalancer,
+}
+
 fn translate_service(
     svc: &Service,
     obj: &ObjectRef,
     slices: &[&EndpointSlice],
     objs: &Objects,
     node: &NodeContext,
-    claims: &mut BTreeMap<(Ipv4Addr, u16, Proto), ServicePortName>,
-    out: &mut Translation,
-    fail: &dyn Fn(&str, String) -> Error,
-) -> Result<()> {
+    opts: &TranslateOptions,
+    st: &mut State,
+) {
     let labels = svc.metadata.labels.as_ref();
     if labels.is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME)) {
         tracing::debug!("{obj}: skipped (label {LABEL_SERVICE_PROXY_NAME})");
-        return Ok(());
+        return;
     }
     let Some(spec) = &svc.spec else {
-        return Ok(());
+        return;
     };
-    let is_lb = match spec.type_.as_deref() {
-        None | Some("ClusterIP" | "ExternalName") => return Ok(()),
-        Some("NodePort") => false,
-        Some("LoadBalancer") => true,
+    let ports = spec.ports.as_deref().unwrap_or_default();
+    let spn_of = |port_name: &str| ServicePortName {
+        namespace: obj.namespace.clone(),
+        name: obj.name.clone(),
+        port_name: port_name.to_owned(),
+    };
+    // Every service port of the Service, for reports about all of them.
+    let all_ports: Vec<String> = {
+        let names: BTreeSet<String> = ports
+            .iter()
+            .map(|p| spn_of(p.name.as_deref().unwrap_or_default()).to_string())
+            .collect();
+        if names.is_empty() {
+            vec![spn_of("").to_string()]
+        } else {
+            names.into_iter().collect()
+        }
+    };
+    let report = |reason, part, (field, message): Bad, service_ports| Skipped {
+        reason,
+        part,
+        object: obj.to_string(),
+        file: objs.origin(obj).map(std::path::Path::to_path_buf),
+        field,
+        message,
+        service_ports,
+    };
+
+    let has_external_ips = spec.external_ips.as_ref().is_some_and(|v| !v.is_empty());
+    let exposure = match spec.type_.as_deref() {
+        Some("ExternalName") => return,
+        // Reached through externalIPs only, as kube-proxy serves them.
+        None | Some("ClusterIP") if has_external_ips => Exposure::ExternalIps,
+        None | Some("ClusterIP") => return,
+        Some("NodePort") => Exposure::NodePort,
+        Some("LoadBalancer") => Exposure::LoadBalancer,
         Some(other) => {
-            return Err(fail(
-                "spec.type",
+            let bad = (
+                "spec.type".into(),
                 format!(
                     "unknown type {other:?} (ClusterIP, NodePort, LoadBalancer or ExternalName)"
                 ),
-            ));
+            );
+            let s = report(
+                SkipReason::Invalid,
+                SkippedPart::ServicePorts,
+                bad,
+                all_ports,
+            );
+            st.out.skipped.push(s);
+            return;
         }
     };
     if spec.cluster_ip.as_deref() == Some("None") {
         tracing::debug!("{obj}: skipped (headless)");
-        return Ok(());
+        return;
     }
 
-    let affinity = match spec.session_affinity.as_deref() {
-        None | Some("None") => SessionAffinity::None,
-        Some("ClientIP") => {
-            let t = spec
-                .session_affinity_config
-                .as_ref()
-                .and_then(|c| c.client_ip.as_ref())
-                .and_then(|c| c.timeout_seconds);
-            let timeout_s = match t {
-                None => DEFAULT_AFFINITY_TIMEOUT_S,
-                Some(t @ 1..=86_400) => t as u32,
-                Some(t) => {
-                    return Err(fail(
-                        "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
-                        format!("{t} is out of range 1-86400"),
-                    ));
-                }
-            };
-            SessionAffinity::ClientIp { timeout_s }
-        }
-        Some(other) => {
-            return Err(fail(
-                "spec.sessionAffinity",
-                format!("unknown value {other:?} (None or ClientIP)"),
-            ));
+    let common = match service_common(svc, obj, exposure, &mut st.out.warnings) {
+        Ok(c) => c,
+        Err(bad) => {
+            let s = report(
+                SkipReason::Invalid,
+                SkippedPart::ServicePorts,
+                bad,
+                all_ports,
+            );
+            st.out.skipped.push(s);
+            return;
         }
     };
-    let traffic_policy = match spec.external_traffic_policy.as_deref() {
-        None | Some("Cluster") => TrafficPolicy::Cluster,
-        Some("Local") => TrafficPolicy::Local,
-        Some(other) => {
-            return Err(fail(
-                "spec.externalTrafficPolicy",
-                format!("unknown value {other:?} (Cluster or Local)"),
-            ));
-        }
-    };
-    let mut source_ranges = Vec::new();
-    for (i, r) in spec
-        .load_balancer_source_ranges
-        .iter()
-        .flatten()
-        .enumerate()
-    {
-        if let Some(cidr) =
-            parse_cidr_v4(r).map_err(|m| fail(&format!("spec.loadBalancerSourceRanges[{i}]"), m))?
-        {
-            source_ranges.push(cidr);
-        }
-    }
-
-    let policy = match svc
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(ANNOTATION_BALANCING))
-    {
-        None => BalancingPolicy::Maglev,
-        Some(v) => BalancingPolicy::parse(v).unwrap_or_else(|| {
-            out.warnings.push(format!(
-                "{obj}: annotation {ANNOTATION_BALANCING}: unknown policy {v:?} \
-                 (maglev, round-robin or least-connection); using maglev"
-            ));
-            BalancingPolicy::Maglev
-        }),
-    };
-
-    let health_check_node_port = match spec.health_check_node_port {
-        None | Some(0) => None,
-        Some(p) if traffic_policy == TrafficPolicy::Local => {
-            Some(u16::try_from(p).map_err(|_| {
-                fail(
-                    "spec.healthCheckNodePort",
-                    format!("{p} is out of range 1-65535"),
-                )
-            })?)
-        }
-        Some(_) => None,
-    };
-
-    // Addresses that frontends are opened on, besides node addresses.
-    let mut lb_ips = Vec::new();
-    if is_lb {
-        let ingress = svc
-            .status
-            .as_ref()
-            .and_then(|s| s.load_balancer.as_ref())
-            .and_then(|l| l.ingress.as_ref());
-        for (j, ing) in ingress.into_iter().flatten().enumerate() {
-            let Some(ip) = &ing.ip else { continue };
-            if ing.ip_mode.as_deref() == Some("Proxy") {
-                tracing::debug!("{obj}: ingress {ip} has ipMode Proxy, not captured");
-                continue;
-            }
-            let field = format!("status.loadBalancer.ingress[{j}].ip");
-            if let Some(a) = parse_ip(ip).map_err(|m| fail(&field, m))? {
-                lb_ips.push((a, field));
-            }
-        }
-    }
+    // An externalIP that is one of this node's addresses would let any
+    // Service capture traffic meant for the node itself (its other
+    // NodePorts, the kubelet, sshd): refused unless the operator allows it.
     let mut external_ips = Vec::new();
-    for (j, ip) in spec.external_ips.iter().flatten().enumerate() {
-        let field = format!("spec.externalIPs[{j}]");
-        if let Some(a) = parse_ip(ip).map_err(|m| fail(&field, m))? {
-            external_ips.push((a, field));
+    for (addr, field) in common.external_ips.iter().cloned() {
+        let is_node = node.node_addrs.contains(&addr) || opts.other_node_addrs.contains(&addr);
+        if is_node && !opts.allow_external_ip_node_address {
+            let bad = (
+                field,
+                format!(
+                    "{addr} is an address of this node; refused so that a Service cannot \
+                     capture the node's own traffic (--allow-external-ip-node-address accepts it)"
+                ),
+            );
+            let s = report(
+                SkipReason::ExternalIpIsNodeAddress,
+                SkippedPart::Frontend,
+                bad,
+                all_ports.clone(),
+            );
+            st.out.skipped.push(s);
+        } else {
+            external_ips.push((addr, field));
         }
     }
 
-    let ports = spec.ports.as_deref().unwrap_or_default();
     let mut seen_names = BTreeSet::new();
     for (i, p) in ports.iter().enumerate() {
         let port_name = p.name.clone().unwrap_or_default();
-        if !seen_names.insert(port_name.clone()) {
-            return Err(fail(
-                &format!("spec.ports[{i}].name"),
-                format!("{port_name:?} is used by two ports"),
-            ));
-        }
-        let spn = ServicePortName {
-            namespace: obj.namespace.clone(),
-            name: obj.name.clone(),
-            port_name: port_name.clone(),
+        let spn = spn_of(&port_name);
+        let skip_port = |st: &mut State, reason, bad: Bad| {
+            let s = report(
+                reason,
+                SkippedPart::ServicePorts,
+                bad,
+                vec![spn.to_string()],
+            );
+            st.out.skipped.push(s);
         };
-        let proto = match p.protocol.as_deref() {
-            None | Some("TCP") => Proto::Tcp,
-            Some("UDP") => Proto::Udp,
-            Some("SCTP") => {
-                out.warnings
+        if !seen_names.insert(port_name.clone()) {
+            let bad = (
+                format!("spec.ports[{i}].name"),
+                format!("{port_name:?} is used by two ports"),
+            );
+            skip_port(st, SkipReason::Invalid, bad);
+            continue;
+        }
+        let (proto, port, node_port) = match port_fields(i, p, exposure, spec) {
+            Ok(Some(f)) => f,
+            Ok(None) => {
+                st.out
+                    .warnings
                     .push(format!("{spn}: SCTP is not supported; port skipped"));
                 continue;
             }
-            Some(other) => {
-                return Err(fail(
-                    &format!("spec.ports[{i}].protocol"),
-                    format!("unknown protocol {other:?} (TCP, UDP or SCTP)"),
-                ));
-            }
-        };
-        let port = check_port(p.port).map_err(|m| fail(&format!("spec.ports[{i}].port"), m))?;
-        let node_port = match p.node_port {
-            Some(n) => {
-                Some(check_port(n).map_err(|m| fail(&format!("spec.ports[{i}].nodePort"), m))?)
-            }
-            None if is_lb && spec.allocate_load_balancer_node_ports == Some(false) => None,
-            None => {
-                return Err(fail(
-                    &format!("spec.ports[{i}].nodePort"),
-                    "missing (a NodePort or LoadBalancer service needs one)".into(),
-                ));
+            Err(bad) => {
+                skip_port(st, SkipReason::Invalid, bad);
+                continue;
             }
         };
 
@@ -317,7 +506,7 @@ fn translate_service(
             }
         }
         for (list, kind) in [
-            (&lb_ips, FrontendKind::LoadBalancer),
+            (&common.lb_ips, FrontendKind::LoadBalancer),
             (&external_ips, FrontendKind::ExternalIp),
         ] {
             for (addr, field) in list {
@@ -332,31 +521,35 @@ fn translate_service(
                 });
             }
         }
-        let mut frontends = BTreeSet::new();
+        // A frontend declared twice by this port (e.g. an external IP that
+        // is also the LB IP): the first declaration wins. One held by a
+        // service port taken earlier (older, see `older_first`): this port
+        // loses, whole, so that it never half-works.
+        let mut mine: BTreeMap<(Ipv4Addr, u16, Proto), Frontend> = BTreeMap::new();
+        let mut conflict = None;
         for Claim { frontend: f, field } in wanted {
-            match claims.get(&(f.addr, f.port, f.proto)) {
-                // Declared twice by this port (e.g. an external IP that is
-                // also the LB IP): the first declaration wins.
-                Some(owner) if *owner == spn => {}
-                Some(owner) => {
-                    return Err(fail(
-                        &field,
-                        format!(
-                            "frontend {}:{}/{} is already used by {owner}",
-                            f.addr, f.port, f.proto
-                        ),
-                    ));
-                }
-                None => {
-                    claims.insert((f.addr, f.port, f.proto), spn.clone());
-                    frontends.insert(f);
-                }
+            let key = (f.addr, f.port, f.proto);
+            if let Some(owner) = st.claims.get(&key) {
+                conflict = Some((
+                    field,
+                    format!(
+                        "frontend {}:{}/{} is already used by {owner}",
+                        f.addr, f.port, f.proto
+                    ),
+                ));
+                break;
             }
+            mine.entry(key).or_insert(f);
         }
+        if let Some(bad) = conflict {
+            skip_port(st, SkipReason::FrontendConflict, bad);
+            continue;
+        }
+        let frontends: BTreeSet<Frontend> = mine.values().copied().collect();
 
         let (mut backends, mut terminating_fallback) =
-            backends_of(p.name.as_deref(), proto, slices, objs, node)?;
-        if traffic_policy == TrafficPolicy::Local {
+            backends_of(p.name.as_deref(), proto, slices, objs, node, &spn, st);
+        if common.traffic_policy == TrafficPolicy::Local {
             // Only this node's endpoints; the KEP-1669 fallback applies
             // among them (kube-proxy's behaviour for eTP Local).
             backends.retain(|b| b.local);
@@ -373,21 +566,213 @@ fn translate_service(
                     .collect();
             }
         }
-        out.desired.services.insert(
+
+        // A port without frontends is not written (plan leaves it out), so
+        // it takes no capacity.
+        if !frontends.is_empty() {
+            let cap = &opts.capacity;
+            let fits = st.used.service_ports < cap.service_ports
+                && st.used.frontends + frontends.len() <= cap.frontends
+                && st.used.backends + backends.len() <= cap.backends;
+            if !fits {
+                let bad = (
+                    format!("spec.ports[{i}]"),
+                    format!(
+                        "does not fit in the maps (at most {} service ports, {} frontends, \
+                         {} backends); the newest services are left out",
+                        cap.service_ports, cap.frontends, cap.backends
+                    ),
+                );
+                skip_port(st, SkipReason::Capacity, bad);
+                continue;
+            }
+            st.used.service_ports += 1;
+            st.used.frontends += frontends.len();
+            st.used.backends += backends.len();
+        }
+        for f in &frontends {
+            st.claims.insert((f.addr, f.port, f.proto), spn.clone());
+        }
+        st.out.desired.services.insert(
             spn,
             ServicePort {
                 frontends,
                 backends,
-                affinity,
-                traffic_policy,
-                source_ranges: source_ranges.clone(),
-                policy,
+                affinity: common.affinity,
+                traffic_policy: common.traffic_policy,
+                source_ranges: common.source_ranges.clone(),
+                policy: common.policy,
                 terminating_fallback,
-                health_check_node_port,
+                health_check_node_port: common.health_check_node_port,
             },
         );
     }
-    Ok(())
+}
+
+/// The Service-wide fields. An invalid one leaves the whole Service out:
+/// ignoring only that field could open the service wider than its owner
+/// asked (a source range, a traffic policy).
+fn service_common(
+    svc: &Service,
+    obj: &ObjectRef,
+    exposure: Exposure,
+    warnings: &mut Vec<String>,
+) -> std::result::Result<Common, Bad> {
+    let Some(spec) = &svc.spec else {
+        return Err(("spec".into(), "missing".into()));
+    };
+    let bad = |field: &str, msg: String| (field.to_owned(), msg);
+    let affinity = match spec.session_affinity.as_deref() {
+        None | Some("None") => SessionAffinity::None,
+        Some("ClientIP") => {
+            let t = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds);
+            let timeout_s = match t {
+                None => DEFAULT_AFFINITY_TIMEOUT_S,
+                Some(t @ 1..=86_400) => t as u32,
+                Some(t) => {
+                    return Err(bad(
+                        "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                        format!("{t} is out of range 1-86400"),
+                    ));
+                }
+            };
+            SessionAffinity::ClientIp { timeout_s }
+        }
+        Some(other) => {
+            return Err(bad(
+                "spec.sessionAffinity",
+                format!("unknown value {other:?} (None or ClientIP)"),
+            ));
+        }
+    };
+    let traffic_policy = match spec.external_traffic_policy.as_deref() {
+        None | Some("Cluster") => TrafficPolicy::Cluster,
+        Some("Local") => TrafficPolicy::Local,
+        Some(other) => {
+            return Err(bad(
+                "spec.externalTrafficPolicy",
+                format!("unknown value {other:?} (Cluster or Local)"),
+            ));
+        }
+    };
+    let mut source_ranges = Vec::new();
+    for (i, r) in spec
+        .load_balancer_source_ranges
+        .iter()
+        .flatten()
+        .enumerate()
+    {
+        if let Some(cidr) =
+            parse_cidr_v4(r).map_err(|m| bad(&format!("spec.loadBalancerSourceRanges[{i}]"), m))?
+        {
+            source_ranges.push(cidr);
+        }
+    }
+
+    let policy = match svc
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_BALANCING))
+    {
+        None => BalancingPolicy::Maglev,
+        Some(v) => BalancingPolicy::parse(v).unwrap_or_else(|| {
+            warnings.push(format!(
+                "{obj}: annotation {ANNOTATION_BALANCING}: unknown policy {v:?} \
+                 (maglev, round-robin or least-connection); using maglev"
+            ));
+            BalancingPolicy::Maglev
+        }),
+    };
+
+    let health_check_node_port = match spec.health_check_node_port {
+        None | Some(0) => None,
+        Some(p) if traffic_policy == TrafficPolicy::Local && exposure == Exposure::LoadBalancer => {
+            Some(u16::try_from(p).map_err(|_| {
+                bad(
+                    "spec.healthCheckNodePort",
+                    format!("{p} is out of range 1-65535"),
+                )
+            })?)
+        }
+        Some(_) => None,
+    };
+
+    let mut lb_ips = Vec::new();
+    if exposure == Exposure::LoadBalancer {
+        let ingress = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|l| l.ingress.as_ref());
+        for (j, ing) in ingress.into_iter().flatten().enumerate() {
+            let Some(ip) = &ing.ip else { continue };
+            if ing.ip_mode.as_deref() == Some("Proxy") {
+                tracing::debug!("{obj}: ingress {ip} has ipMode Proxy, not captured");
+                continue;
+            }
+            let field = format!("status.loadBalancer.ingress[{j}].ip");
+            if let Some(a) = parse_ip(ip).map_err(|m| bad(&field, m))? {
+                lb_ips.push((a, field));
+            }
+        }
+    }
+    let mut external_ips = Vec::new();
+    for (j, ip) in spec.external_ips.iter().flatten().enumerate() {
+        let field = format!("spec.externalIPs[{j}]");
+        if let Some(a) = parse_ip(ip).map_err(|m| bad(&field, m))? {
+            external_ips.push((a, field));
+        }
+    }
+    Ok(Common {
+        affinity,
+        traffic_policy,
+        source_ranges,
+        policy,
+        health_check_node_port,
+        lb_ips,
+        external_ips,
+    })
+}
+
+/// Protocol, port and nodePort of `spec.ports[i]`; `None` for an SCTP
+/// port (not supported).
+fn port_fields(
+    i: usize,
+    p: &k8s_openapi::api::core::v1::ServicePort,
+    exposure: Exposure,
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+) -> std::result::Result<Option<(Proto, u16, Option<u16>)>, Bad> {
+    let proto = match p.protocol.as_deref() {
+        None | Some("TCP") => Proto::Tcp,
+        Some("UDP") => Proto::Udp,
+        Some("SCTP") => return Ok(None),
+        Some(other) => {
+            return Err((
+                format!("spec.ports[{i}].protocol"),
+                format!("unknown protocol {other:?} (TCP, UDP or SCTP)"),
+            ));
+        }
+    };
+    let port = check_port(p.port).map_err(|m| (format!("spec.ports[{i}].port"), m))?;
+    let node_port = match (exposure, p.node_port) {
+        (Exposure::ExternalIps, _) => None,
+        (_, Some(n)) => Some(check_port(n).map_err(|m| (format!("spec.ports[{i}].nodePort"), m))?),
+        (Exposure::LoadBalancer, None) if spec.allocate_load_balancer_node_ports == Some(false) => {
+            None
+        }
+        (_, None) => {
+            return Err((
+                format!("spec.ports[{i}].nodePort"),
+                "missing (a NodePort or LoadBalancer service needs one)".into(),
+            ));
+        }
+    };
+    Ok(Some((proto, port, node_port)))
 }
 
 /// How usable an endpoint is; the better one wins when slices disagree.
@@ -397,23 +782,42 @@ enum Condition {
     Ready,
 }
 
-/// The backends of one service port, merged over its slices, and whether
-/// they are the serving-and-terminating fallback (no endpoint ready).
+/// The backends of service port `spn`, merged over its slices, and whether
+/// they are the serving-and-terminating fallback (no endpoint ready). An
+/// invalid slice port or endpoint address is left out and reported (once,
+/// in `st.slice_problems`); the rest of the slice is used.
 fn backends_of(
     port_name: Option<&str>,
     proto: Proto,
     slices: &[&EndpointSlice],
     objs: &Objects,
     node: &NodeContext,
-) -> Result<(BTreeSet<Backend>, bool)> {
+    spn: &ServicePortName,
+    st: &mut State,
+) -> (BTreeSet<Backend>, bool) {
     let mut merged: BTreeMap<(Ipv4Addr, u16), (Condition, Option<String>)> = BTreeMap::new();
     for slice in slices {
         if slice.address_type != "IPv4" {
             continue;
         }
         let obj = ObjectRef::slice(slice);
-        let fail = |field: String, msg: String| {
-            Error::invalid(obj.to_string(), field, msg).in_file(objs.origin(&obj))
+        let mut problem = |field: String, message: String| {
+            let s = st
+                .slice_problems
+                .entry((obj.to_string(), field.clone()))
+                .or_insert_with(|| Skipped {
+                    reason: SkipReason::Invalid,
+                    part: SkippedPart::Endpoints,
+                    object: obj.to_string(),
+                    file: objs.origin(&obj).map(std::path::Path::to_path_buf),
+                    field,
+                    message,
+                    service_ports: Vec::new(),
+                });
+            let name = spn.to_string();
+            if !s.service_ports.contains(&name) {
+                s.service_ports.push(name);
+            }
         };
         let found = slice.ports.iter().flatten().enumerate().find(|(_, sp)| {
             sp.name.as_deref().unwrap_or_default() == port_name.unwrap_or_default()
@@ -422,7 +826,13 @@ fn backends_of(
         let Some((k, sp)) = found else { continue };
         // A nil port means "all ports": kube-proxy cannot use it either.
         let Some(port) = sp.port else { continue };
-        let port = check_port(port).map_err(|m| fail(format!("ports[{k}].port"), m))?;
+        let port = match check_port(port) {
+            Ok(p) => p,
+            Err(m) => {
+                problem(format!("ports[{k}].port"), m);
+                continue;
+            }
+        };
         for (e, ep) in slice.endpoints.iter().flatten().enumerate() {
             let c = ep.conditions.as_ref();
             let ready = c.and_then(|c| c.ready).unwrap_or(true);
@@ -439,12 +849,13 @@ fn backends_of(
             let Some(addr) = ep.addresses.first() else {
                 continue;
             };
-            let addr: Ipv4Addr = addr.parse().map_err(|_| {
-                fail(
+            let Ok(addr) = addr.parse::<Ipv4Addr>() else {
+                problem(
                     format!("endpoints[{e}].addresses[0]"),
                     format!("{addr:?} is not an IPv4 address"),
-                )
-            })?;
+                );
+                continue;
+            };
             let entry = merged
                 .entry((addr, port))
                 .or_insert((cond, ep.node_name.clone()));
@@ -468,7 +879,7 @@ fn backends_of(
             node_name,
         })
         .collect();
-    Ok((set, fallback))
+    (set, fallback)
 }
 
 /// A port number in 1..=65535.

@@ -4,51 +4,23 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use lb_common::{
     BACKEND_ACTIVE, BACKEND_F_LOCAL, BACKEND_TERMINATING, FRONTEND_NODEPORT, FrontendKeyV4,
 };
 use lb_userspace::model::{
-    Backend, BackendState, Desired, Frontend, FrontendKind, Proto, ServicePort, ServicePortName,
+    Backend, BackendState, Desired, Frontend, FrontendKind, Proto, ServicePort,
 };
 use lb_userspace::plan::{PlanConfig, frontend_key, plan};
-use lb_userspace::source::{Objects, manifests};
-use lb_userspace::translate::{NodeContext, Translation, translate};
+use lb_userspace::source::manifests;
+use lb_userspace::translate::{Translation, translate};
 use lb_userspace::writer::memory::MemoryMaps;
 use lb_userspace::writer::{MapWriter, Op};
 use proptest::prelude::*;
 
-fn testdata(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/testdata")
-        .join(name)
-}
-
-fn node_a() -> NodeContext {
-    NodeContext {
-        node_name: "node-a".into(),
-        node_addrs: vec![Ipv4Addr::new(198, 18, 0, 2)],
-    }
-}
-
-fn spn(ns: &str, name: &str, port: &str) -> ServicePortName {
-    ServicePortName {
-        namespace: ns.into(),
-        name: name.into(),
-        port_name: port.into(),
-    }
-}
-
-fn be(addr: [u8; 4], port: u16, state: BackendState, node: &str) -> Backend {
-    Backend {
-        addr: addr.into(),
-        port,
-        state,
-        node_name: Some(node.into()),
-        local: node == "node-a",
-    }
-}
+mod support;
+use support::{be, node_a, parse_str, spn, testdata};
 
 fn load_and_translate(name: &str) -> Translation {
     let objs = manifests::load(&testdata(name)).unwrap();
@@ -207,12 +179,6 @@ fn out_of_range_node_port_names_file_object_and_field() {
             file.display()
         )
     );
-}
-
-fn parse_str(text: &str) -> Objects {
-    let mut objs = Objects::default();
-    manifests::parse_into(Path::new("x.yaml"), text, &mut objs).unwrap();
-    objs
 }
 
 #[test]
