@@ -10,7 +10,7 @@ use lb_common::{
     BACKEND_ACTIVE, BACKEND_F_LOCAL, BACKEND_TERMINATING, FRONTEND_NODEPORT, FrontendKeyV4,
 };
 use lb_userspace::model::{
-    Backend, BackendState, Desired, Frontend, FrontendKind, Proto, ServicePort,
+    Backend, BackendState, Desired, Frontend, FrontendKind, Proto, ServicePort, ServicePortName,
 };
 use lb_userspace::plan::{PlanConfig, frontend_key, plan};
 use lb_userspace::source::manifests;
