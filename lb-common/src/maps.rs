@@ -430,11 +430,18 @@ pub struct Stats {
     /// backend through another frontend and no other client port was free
     /// (`PORT_REMAP_TRIES` tried).
     pub drop_reply_clash: u64,
+    /// ICMP errors about packets this node sent for a flow (forwarded to a
+    /// remote backend, or a reply to a client), translated back and passed
+    /// to the kernel to route.
+    pub icmp_translated: u64,
+    /// ICMP errors to a client about a packet DNAT'd to a local pod,
+    /// translated back at TC egress.
+    pub tc_icmp_translated: u64,
 }
 
 impl Stats {
     /// Every counter with its field name, in declaration order.
-    pub fn named(&self) -> [(&'static str, u64); 29] {
+    pub fn named(&self) -> [(&'static str, u64); 31] {
         [
             ("xdp_packets", self.xdp_packets),
             ("pass_not_ipv4", self.pass_not_ipv4),
@@ -465,6 +472,8 @@ impl Stats {
             ("flows_closed", self.flows_closed),
             ("flows_untracked", self.flows_untracked),
             ("drop_reply_clash", self.drop_reply_clash),
+            ("icmp_translated", self.icmp_translated),
+            ("tc_icmp_translated", self.tc_icmp_translated),
         ]
     }
 
@@ -499,6 +508,8 @@ impl Stats {
         self.flows_closed += other.flows_closed;
         self.flows_untracked += other.flows_untracked;
         self.drop_reply_clash += other.drop_reply_clash;
+        self.icmp_translated += other.icmp_translated;
+        self.tc_icmp_translated += other.tc_icmp_translated;
     }
 }
 
@@ -529,7 +540,7 @@ const _: () = assert!(size_of::<Counters>() == 40);
 const _: () = assert!(size_of::<AffinityKeyV4>() == 8);
 const _: () = assert!(size_of::<AffinityValue>() == 16);
 const _: () = assert!(size_of::<SrcRangeV4>() == 8);
-const _: () = assert!(size_of::<Stats>() == 29 * 8);
+const _: () = assert!(size_of::<Stats>() == 31 * 8);
 
 #[cfg(feature = "user")]
 mod pod {

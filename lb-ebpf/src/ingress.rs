@@ -16,7 +16,7 @@ use lb_common::{
 
 use crate::{
     conntrack::{self, Lookup, Pinned},
-    flows, forward,
+    flows, forward, icmp,
     maps::{LB_BE_COUNTERS, LB_FRONTENDS_V4, LB_SRC_RANGE_V4, LB_STATS, LB_SVC_COUNTERS},
     nat,
     parse::{self, Bounds, PacketV4, Skip},
@@ -39,6 +39,11 @@ pub fn handle(ctx: &XdpContext) -> u32 {
     };
     let pkt = match parse::parse_v4(b) {
         Ok(p) => p,
+        Err(Skip::OtherProto)
+            if parse::parse_icmp_error_v4(b).is_some_and(|e| icmp::translate_xdp(&e, st)) =>
+        {
+            return XDP_PASS; // the kernel routes it to its new destination
+        }
         Err(skip) => {
             count_skip(st, skip);
             return XDP_PASS;

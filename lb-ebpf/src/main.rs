@@ -12,6 +12,7 @@
 //! nat.rs        rewrites and checksums
 //! snat.rs       SNAT port reservation and reverse translation (remote backends)
 //! forward.rs    fib lookup, XDP_TX / XDP_REDIRECT
+//! icmp.rs       ICMP errors about translated flows, translated back
 //! reject.rs     TCP RST / ICMP unreachable when a service has no backend
 //! reply.rs      TC egress: reverse NAT of replies
 //! ```
@@ -28,6 +29,8 @@ mod conntrack;
 mod flows;
 #[cfg(target_arch = "bpf")]
 mod forward;
+#[cfg(target_arch = "bpf")]
+mod icmp;
 #[cfg(target_arch = "bpf")]
 mod ingress;
 #[cfg(target_arch = "bpf")]

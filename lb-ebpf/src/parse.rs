@@ -169,3 +169,90 @@ pub fn parse_v4(b: Bounds) -> Result<PacketV4, Skip> {
         len: (b.end - b.start) as u32,
     })
 }
+
+/// An ICMP error (destination unreachable, time exceeded) quoting an IPv4
+/// TCP/UDP packet: what the datapath needs to translate the quote of a
+/// flow it rewrote. Parsed only for packets that [`parse_v4`] skipped as
+/// another protocol.
+pub struct IcmpErrorV4 {
+    /// The outer IPv4 header (in bounds).
+    pub ip: *mut Ipv4Hdr,
+    /// The ICMP checksum (in bounds).
+    pub icmp_check: *mut [u8; 2],
+    /// The quoted IPv4 header (in bounds, without options).
+    pub inner_ip: *mut Ipv4Hdr,
+    /// The quoted L4 ports (source, destination), in bounds.
+    pub inner_ports: *mut [u16; 2],
+    /// The quoted L4 checksum, when the quote reaches it.
+    pub inner_l4_check: Option<*mut [u8; 2]>,
+    pub outer_dst: [u8; 4],
+    pub inner_src: [u8; 4],
+    pub inner_dst: [u8; 4],
+    pub inner_sport_be: u16,
+    pub inner_dport_be: u16,
+    pub inner_proto: u8,
+}
+
+/// ICMP type: destination unreachable (fragmentation needed is code 4).
+const ICMP_DEST_UNREACH: u8 = 3;
+/// ICMP type: time exceeded.
+const ICMP_TIME_EXCEEDED: u8 = 11;
+/// Offset of the quoted IPv4 header (after the 8-byte ICMP header).
+const INNER_L3_OFF: usize = L4_OFF + 8;
+/// Offset of the quoted L4 header.
+const INNER_L4_OFF: usize = INNER_L3_OFF + Ipv4Hdr::LEN;
+/// End of the longest part of an ICMP error the parser reads (up to the
+/// quoted TCP checksum).
+pub const ICMP_QUOTE_END: usize = INNER_L4_OFF + 18;
+const IPPROTO_ICMP: u8 = 1;
+
+/// Parses `b` as Ethernet II / IPv4 / ICMP error quoting IPv4 TCP or UDP
+/// (both headers without options, the outer one not fragmented).
+#[inline(always)]
+pub fn parse_icmp_error_v4(b: Bounds) -> Option<IcmpErrorV4> {
+    let eth: *mut EthHdr = b.ptr_at(0)?;
+    // SAFETY: `eth` is in bounds.
+    if unsafe { (*eth).ether_type } != ETH_P_IP_BE {
+        return None;
+    }
+    let ip: *mut Ipv4Hdr = b.ptr_at(L3_OFF)?;
+    // SAFETY: in bounds.
+    let iph = unsafe { &*ip };
+    if iph.vihl != 0x45 || iph.proto != IPPROTO_ICMP || u16::from_be_bytes(iph.frags) & 0x3fff != 0
+    {
+        return None;
+    }
+    let icmp: *mut [u8; 4] = b.ptr_at(L4_OFF)?;
+    // SAFETY: in bounds: type, code, checksum.
+    let [ty, ..] = unsafe { *icmp };
+    if ty != ICMP_DEST_UNREACH && ty != ICMP_TIME_EXCEEDED {
+        return None;
+    }
+    let inner_ip: *mut Ipv4Hdr = b.ptr_at(INNER_L3_OFF)?;
+    // SAFETY: in bounds.
+    let inner = unsafe { &*inner_ip };
+    if inner.vihl != 0x45 || (inner.proto != IPPROTO_TCP && inner.proto != IPPROTO_UDP) {
+        return None;
+    }
+    let inner_ports: *mut [u16; 2] = b.ptr_at(INNER_L4_OFF)?;
+    let check_off = if inner.proto == IPPROTO_TCP {
+        INNER_L4_OFF + 16
+    } else {
+        INNER_L4_OFF + 6
+    };
+    // SAFETY: in bounds (checked just above).
+    let [sport, dport] = unsafe { *inner_ports };
+    Some(IcmpErrorV4 {
+        ip,
+        icmp_check: b.ptr_at(L4_OFF + 2)?,
+        inner_ip,
+        inner_ports,
+        inner_l4_check: b.ptr_at(check_off),
+        outer_dst: iph.dst_addr,
+        inner_src: inner.src_addr,
+        inner_dst: inner.dst_addr,
+        inner_sport_be: sport,
+        inner_dport_be: dport,
+        inner_proto: inner.proto,
+    })
+}

@@ -7,13 +7,13 @@ use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_UNSPEC},
     programs::TcContext,
 };
-use lb_common::{CT_DIR_REPLY, CT_F_PORT_REMAP, CT_TCP_FIN_REPLY, CT_TCP_RST, flow};
+use lb_common::{CT_DIR_REPLY, CT_F_PORT_REMAP, CT_TCP_FIN_REPLY, CT_TCP_RST, Stats, flow};
 
 use crate::{
-    conntrack, flows,
+    conntrack, flows, icmp,
     maps::{LB_CT_V4, LB_STATS},
     nat,
-    parse::{self, Bounds, L4_OFF, Skip},
+    parse::{self, Bounds, ICMP_QUOTE_END, L4_OFF, Skip},
 };
 
 /// Handles one outgoing packet. Returns `TC_ACT_OK` after a rewrite and
@@ -34,8 +34,10 @@ pub fn handle(ctx: &TcContext) -> i32 {
             pkt = parse::parse_v4(bounds(ctx));
         }
     }
-    let Ok(pkt) = pkt else {
-        return TC_ACT_UNSPEC;
+    let pkt = match pkt {
+        Ok(p) => p,
+        Err(Skip::OtherProto) => return icmp_error(ctx, st),
+        Err(_) => return TC_ACT_UNSPEC,
     };
     let key = conntrack::packet_key(&pkt, CT_DIR_REPLY);
     let Some(ct) = LB_CT_V4.get_ptr_mut(&key) else {
@@ -63,6 +65,19 @@ pub fn handle(ctx: &TcContext) -> i32 {
     }
     st.tc_reverse_nat += 1;
     TC_ACT_OK
+}
+
+/// An ICMP error leaving towards a client: its quote is translated back if
+/// it is about a packet DNAT'd to a local pod.
+#[inline(always)]
+fn icmp_error(ctx: &TcContext, st: &mut Stats) -> i32 {
+    // The quote may sit in a non-linear part of the skb: pull in the
+    // headers up to the quoted TCP checksum (the longest we read).
+    let _ = ctx.pull_data((ICMP_QUOTE_END as u32).min(ctx.len()));
+    match parse::parse_icmp_error_v4(bounds(ctx)) {
+        Some(e) if icmp::translate_tc(&e, st) => TC_ACT_OK,
+        _ => TC_ACT_UNSPEC,
+    }
 }
 
 #[inline(always)]

@@ -37,6 +37,7 @@ use lb_userspace::{
 };
 
 mod flow_state;
+mod icmp;
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
