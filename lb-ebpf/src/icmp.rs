@@ -112,29 +112,34 @@ fn rewrite(
             ip.check = c.to_ne_bytes();
             ip.dst_addr = a;
         }
-        let mut icmp = u16::from_ne_bytes(*e.icmp_check);
         let old_ip_check = u16::from_ne_bytes(inner.check);
-        let mut ip_check = old_ip_check;
         let old_l4 = e.inner_l4_check.map(|p| u16::from_ne_bytes(*p));
-        let mut l4 = old_l4;
-        if let Some((addr, port)) = src {
-            let (o, n) = (u32::from_ne_bytes(inner.src_addr), u32::from_ne_bytes(addr));
-            let op = (*e.inner_ports)[0];
-            ip_check = csum::replace4(ip_check, o, n);
-            icmp = csum::replace2(csum::replace4(icmp, o, n), op, port);
-            l4 = l4.map(|c| csum::replace2(csum::replace4(c, o, n), op, port));
-            inner.src_addr = addr;
-            (*e.inner_ports)[0] = port;
+        let mut sums = Sums {
+            ip: old_ip_check,
+            icmp: u16::from_ne_bytes(*e.icmp_check),
+            l4: old_l4,
+        };
+        if let Some(new) = src {
+            replace(
+                &mut inner.src_addr,
+                &mut (*e.inner_ports)[0],
+                new,
+                &mut sums,
+            );
         }
-        if let Some((addr, port)) = dst {
-            let (o, n) = (u32::from_ne_bytes(inner.dst_addr), u32::from_ne_bytes(addr));
-            let op = (*e.inner_ports)[1];
-            ip_check = csum::replace4(ip_check, o, n);
-            icmp = csum::replace2(csum::replace4(icmp, o, n), op, port);
-            l4 = l4.map(|c| csum::replace2(csum::replace4(c, o, n), op, port));
-            inner.dst_addr = addr;
-            (*e.inner_ports)[1] = port;
+        if let Some(new) = dst {
+            replace(
+                &mut inner.dst_addr,
+                &mut (*e.inner_ports)[1],
+                new,
+                &mut sums,
+            );
         }
+        let Sums {
+            ip: ip_check,
+            icmp: mut icmp,
+            l4: mut l4,
+        } = sums;
         if e.inner_proto == IPPROTO_UDP
             && let (Some(o), Some(n)) = (old_l4, l4)
         {
@@ -148,4 +153,25 @@ fn rewrite(
         }
         *e.icmp_check = icmp.to_ne_bytes();
     }
+}
+
+/// The checksums a quote rewrite updates: the quoted IPv4 header's, the
+/// ICMP message's, and the quoted L4 one when the quote reaches it.
+struct Sums {
+    ip: u16,
+    icmp: u16,
+    l4: Option<u16>,
+}
+
+/// Replaces one endpoint of the quote (address and port) and updates `sums`.
+#[inline(always)]
+fn replace(addr: &mut [u8; 4], port: &mut u16, new: Endpoint, sums: &mut Sums) {
+    let (o, n) = (u32::from_ne_bytes(*addr), u32::from_ne_bytes(new.0));
+    sums.ip = csum::replace4(sums.ip, o, n);
+    sums.icmp = csum::replace2(csum::replace4(sums.icmp, o, n), *port, new.1);
+    sums.l4 = sums
+        .l4
+        .map(|c| csum::replace2(csum::replace4(c, o, n), *port, new.1));
+    *addr = new.0;
+    *port = new.1;
 }
