@@ -137,8 +137,8 @@ fn rewrite(
         }
         let Sums {
             ip: ip_check,
-            icmp: mut icmp,
-            l4: mut l4,
+            mut icmp,
+            mut l4,
         } = sums;
         if e.inner_proto == IPPROTO_UDP
             && let (Some(o), Some(n)) = (old_l4, l4)

@@ -9,6 +9,7 @@ pub mod bench;
 pub mod build;
 pub mod cmd;
 pub mod demo;
+pub mod fuzz;
 pub mod image;
 pub mod kubeproxy;
 pub mod lab;

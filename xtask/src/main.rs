@@ -47,10 +47,20 @@ enum Cmd {
         #[arg(long)]
         two_node: bool,
     },
+    /// The datapath's differential fuzzer alone: random states and packets
+    /// through the kernel programs and the reference model. Needs root.
+    Fuzz {
+        /// Seed of the case stream (a mismatch prints the seed and case).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Number of packets.
+        #[arg(long, default_value_t = 1_000_000)]
+        cases: u64,
+    },
     /// Build the container image `localhost/lb-agent:<version>`: a static
     /// (musl) lb-agent in an image `FROM scratch`, with buildah.
     Image,
-    /// Benchmarks of issues 5, 7 and 8: XDP/TC per-packet cost along
+    /// Benchmarks: XDP/TC per-packet cost along
     /// services and endpoints, Maglev spread against kube-proxy's random
     /// choices, sync latency of the Kubernetes agent, short connections and
     /// UDP through this project, kube-proxy's iptables and nftables modes
@@ -86,6 +96,7 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Image => xtask::image::main(),
+        Cmd::Fuzz { seed, cases } => xtask::fuzz::main(seed, cases),
         Cmd::Bench {
             out: Some(out),
             render: Some(json),
