@@ -149,10 +149,7 @@ pub fn pod_fin(fkey: &CtKeyV4, st: &mut Stats) {
 /// `lb_flow_end`: the "packet" is a forward [`CtKeyV4`]; close it.
 #[inline(always)]
 pub fn end_from_ctx(ctx: &XdpContext) -> u32 {
-    let b = crate::parse::Bounds {
-        start: ctx.data(),
-        end: ctx.data_end(),
-    };
+    let b = crate::parse::Bounds::xdp(ctx);
     let Some(p) = b.ptr_at::<CtKeyV4>(0) else {
         return XDP_DROP;
     };

@@ -33,10 +33,7 @@ pub fn handle(ctx: &XdpContext) -> u32 {
     let st = unsafe { &mut *st };
     st.xdp_packets += 1;
 
-    let b = Bounds {
-        start: ctx.data(),
-        end: ctx.data_end(),
-    };
+    let b = Bounds::xdp(ctx);
     let pkt = match parse::parse_v4(b) {
         Ok(p) => p,
         Err(Skip::OtherProto)

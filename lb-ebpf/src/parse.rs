@@ -27,14 +27,38 @@ const TCP_CHECK_OFF: usize = L4_OFF + 16;
 const UDP_CHECK_OFF: usize = L4_OFF + 6;
 const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
 
-/// The packet's memory: `[start, end)`.
+/// The packet's directly readable memory, `[start, end)`, and the length
+/// of the whole packet (`len`): at TC an skb's payload may sit in pages past
+/// `end`; an XDP frame is all in `[start, end)`.
 #[derive(Clone, Copy)]
 pub struct Bounds {
     pub start: usize,
     pub end: usize,
+    pub len: usize,
 }
 
 impl Bounds {
+    /// An XDP frame.
+    #[inline(always)]
+    pub fn xdp(ctx: &aya_ebpf::programs::XdpContext) -> Self {
+        let (start, end) = (ctx.data(), ctx.data_end());
+        Self {
+            start,
+            end,
+            len: end - start,
+        }
+    }
+
+    /// An skb at TC.
+    #[inline(always)]
+    pub fn tc(ctx: &aya_ebpf::programs::TcContext) -> Self {
+        Self {
+            start: ctx.data(),
+            end: ctx.data_end(),
+            len: ctx.len() as usize,
+        }
+    }
+
     /// The one bounds check: a pointer to a `T` at `off`, if all of it lies
     /// inside the packet.
     #[inline(always)]
@@ -110,7 +134,7 @@ pub fn parse_v4(b: Bounds) -> Result<PacketV4, Skip> {
     }
     // A datagram longer than the frame lost its tail (trailing padding, as
     // in short Ethernet frames, is fine).
-    if L3_OFF + u16::from_be_bytes(iph.tot_len) as usize > b.end - b.start {
+    if L3_OFF + u16::from_be_bytes(iph.tot_len) as usize > b.len {
         return Err(Skip::Truncated);
     }
     let proto = iph.proto;

@@ -20,10 +20,7 @@ const ICMP_UNREACH_LEN: usize = L4_OFF + 8 + Ipv4Hdr::LEN + 8;
 const ICMP_GROW: usize = 8 + Ipv4Hdr::LEN;
 
 fn bounds(ctx: &XdpContext) -> Bounds {
-    Bounds {
-        start: ctx.data(),
-        end: ctx.data_end(),
-    }
+    Bounds::xdp(ctx)
 }
 
 /// Writes a fresh IPv4 header (no options, DF, TTL 64) with its checksum.

@@ -82,8 +82,5 @@ fn icmp_error(ctx: &TcContext, st: &mut Stats) -> i32 {
 
 #[inline(always)]
 fn bounds(ctx: &TcContext) -> Bounds {
-    Bounds {
-        start: ctx.data(),
-        end: ctx.data_end(),
-    }
+    Bounds::tc(ctx)
 }
