@@ -22,15 +22,15 @@
 
 use std::{collections::BTreeSet, path::Path, time::Duration};
 
-use aya::maps::{Array, HashMap, Map, MapData};
+use aya::maps::{Array, HashMap, MapData};
 use lb_common::{
     BackendV4, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_SNAT, CtKeyV4, CtValueV4, IPPROTO_TCP,
     NatValueV4, OpenFlowV4, flow, pin,
 };
 use tracing::debug;
 
-use crate::error::{Error, Result};
 use crate::loader::FlowCloser;
+use crate::{error::Result, pinned};
 
 /// When flows end.
 #[derive(Clone, Copy, Debug)]
@@ -96,10 +96,6 @@ pub struct Tables {
     closer: Option<FlowCloser>,
 }
 
-fn open(dir: &Path, name: &str) -> Result<MapData> {
-    MapData::from_pin(dir.join(name)).map_err(|e| Error::Datapath(format!("{name}: {e}")))
-}
-
 /// `CLOCK_MONOTONIC` in nanoseconds, the clock of `bpf_ktime_get_ns`.
 pub fn monotonic_ns() -> u64 {
     let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
@@ -112,19 +108,11 @@ impl Tables {
     /// Opens the maps pinned in `pin_dir`; `closer` ends open-flow counts
     /// (without it, counts are left to the datapath).
     pub fn open(pin_dir: &Path, closer: Option<FlowCloser>) -> Result<Self> {
-        let ct = HashMap::try_from(Map::LruHashMap(open(pin_dir, pin::CONNTRACK_V4)?))
-            .map_err(|e| Error::Datapath(format!("{}: {e}", pin::CONNTRACK_V4)))?;
-        let nat = HashMap::try_from(Map::HashMap(open(pin_dir, pin::NAT_V4)?))
-            .map_err(|e| Error::Datapath(format!("{}: {e}", pin::NAT_V4)))?;
-        let registry = HashMap::try_from(Map::HashMap(open(pin_dir, pin::OPEN_FLOWS_V4)?))
-            .map_err(|e| Error::Datapath(format!("{}: {e}", pin::OPEN_FLOWS_V4)))?;
-        let backends = Array::try_from(Map::Array(open(pin_dir, pin::BACKENDS_V4)?))
-            .map_err(|e| Error::Datapath(format!("{}: {e}", pin::BACKENDS_V4)))?;
         Ok(Self {
-            ct,
-            nat,
-            open: registry,
-            backends,
+            ct: pinned::hash(pin_dir, pin::CONNTRACK_V4)?,
+            nat: pinned::hash(pin_dir, pin::NAT_V4)?,
+            open: pinned::hash(pin_dir, pin::OPEN_FLOWS_V4)?,
+            backends: pinned::array(pin_dir, pin::BACKENDS_V4)?,
             closer,
         })
     }

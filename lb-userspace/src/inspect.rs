@@ -11,7 +11,7 @@
 
 use std::{collections::BTreeMap, net::Ipv4Addr, path::Path, time::Duration};
 
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, PerCpuArray};
 use lb_common::{
     BACKEND_FREE, BACKEND_TERMINATING, BackendV4, CT_F_SNAT, CT_TCP_ACK, CT_TCP_FIN_FWD,
     CT_TCP_FIN_REPLY, CT_TCP_RST, CT_TCP_SYN, Counters, CtKeyV4, CtValueV4, FrontendKeyV4,
@@ -21,7 +21,10 @@ use lb_common::{
 };
 use serde::Serialize;
 
-use crate::error::{Error, Result};
+use crate::{
+    error::{Error, Result},
+    pinned,
+};
 
 /// One open flow.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
@@ -69,19 +72,6 @@ pub struct BackendRow {
     pub packets: u64,
     /// Bytes of those packets.
     pub bytes: u64,
-}
-
-fn open_map(dir: &Path, name: &str) -> Result<MapData> {
-    MapData::from_pin(dir.join(name)).map_err(|e| {
-        Error::Datapath(format!(
-            "{}: {e} (is the datapath loaded with this --bpffs-root?)",
-            dir.join(name).display()
-        ))
-    })
-}
-
-fn derr(name: &str, e: impl std::fmt::Display) -> Error {
-    Error::Datapath(format!("{name}: {e}"))
 }
 
 /// The name of a `REASON_*` code.
@@ -135,9 +125,7 @@ impl Pinned {
     }
 
     fn names(&self) -> Result<BTreeMap<u32, String>> {
-        let m: HashMap<_, u32, ServiceName> =
-            HashMap::try_from(Map::HashMap(open_map(&self.dir, pin::SERVICE_NAMES)?))
-                .map_err(|e| derr(pin::SERVICE_NAMES, e))?;
+        let m: HashMap<_, u32, ServiceName> = pinned::hash(&self.dir, pin::SERVICE_NAMES)?;
         Ok(m.iter()
             .filter_map(|r| r.ok())
             .map(|(k, v)| (k, v.as_str().to_owned()))
@@ -146,8 +134,7 @@ impl Pinned {
 
     fn service_flags(&self) -> Result<BTreeMap<u32, u16>> {
         let m: HashMap<_, FrontendKeyV4, ServiceValue> =
-            HashMap::try_from(Map::HashMap(open_map(&self.dir, pin::FRONTENDS_V4)?))
-                .map_err(|e| derr(pin::FRONTENDS_V4, e))?;
+            pinned::hash(&self.dir, pin::FRONTENDS_V4)?;
         Ok(m.iter()
             .filter_map(|r| r.ok())
             .map(|(_, v)| (v.service_id, v.flags))
@@ -156,9 +143,7 @@ impl Pinned {
 
     /// Open flows of backend ids, from `LB_BE_OPEN`.
     pub fn open_counts(&self, ids: impl IntoIterator<Item = u32>) -> Result<BTreeMap<u32, u64>> {
-        let m: Array<_, u64> =
-            Array::try_from(Map::Array(open_map(&self.dir, pin::BACKEND_OPEN_FLOWS)?))
-                .map_err(|e| derr(pin::BACKEND_OPEN_FLOWS, e))?;
+        let m: Array<_, u64> = pinned::array(&self.dir, pin::BACKEND_OPEN_FLOWS)?;
         Ok(ids
             .into_iter()
             .map(|id| (id, m.get(&id, 0).unwrap_or(0)))
@@ -168,18 +153,10 @@ impl Pinned {
     /// Every open flow, as listed by `lb-agent flows`.
     pub fn flows(&self, now_ns: u64) -> Result<Vec<FlowRow>> {
         let names = self.names()?;
-        let reg: HashMap<_, CtKeyV4, OpenFlowV4> =
-            HashMap::try_from(Map::HashMap(open_map(&self.dir, pin::OPEN_FLOWS_V4)?))
-                .map_err(|e| derr(pin::OPEN_FLOWS_V4, e))?;
-        let ct: HashMap<_, CtKeyV4, CtValueV4> =
-            HashMap::try_from(Map::LruHashMap(open_map(&self.dir, pin::CONNTRACK_V4)?))
-                .map_err(|e| derr(pin::CONNTRACK_V4, e))?;
-        let nat: HashMap<_, CtKeyV4, NatValueV4> =
-            HashMap::try_from(Map::HashMap(open_map(&self.dir, pin::NAT_V4)?))
-                .map_err(|e| derr(pin::NAT_V4, e))?;
-        let backends: Array<_, BackendV4> =
-            Array::try_from(Map::Array(open_map(&self.dir, pin::BACKENDS_V4)?))
-                .map_err(|e| derr(pin::BACKENDS_V4, e))?;
+        let reg: HashMap<_, CtKeyV4, OpenFlowV4> = pinned::hash(&self.dir, pin::OPEN_FLOWS_V4)?;
+        let ct: HashMap<_, CtKeyV4, CtValueV4> = pinned::hash(&self.dir, pin::CONNTRACK_V4)?;
+        let nat: HashMap<_, CtKeyV4, NatValueV4> = pinned::hash(&self.dir, pin::NAT_V4)?;
+        let backends: Array<_, BackendV4> = pinned::array(&self.dir, pin::BACKENDS_V4)?;
         let secs = |ns: u64| Duration::from_nanos(now_ns.saturating_sub(ns)).as_secs();
         let mut rows = Vec::new();
         for (k, f) in reg.iter().filter_map(|r| r.ok()) {
@@ -251,17 +228,10 @@ impl Pinned {
     pub fn backends(&self) -> Result<Vec<BackendRow>> {
         let names = self.names()?;
         let flags = self.service_flags()?;
-        let backends: Array<_, BackendV4> =
-            Array::try_from(Map::Array(open_map(&self.dir, pin::BACKENDS_V4)?))
-                .map_err(|e| derr(pin::BACKENDS_V4, e))?;
-        let open: Array<_, u64> =
-            Array::try_from(Map::Array(open_map(&self.dir, pin::BACKEND_OPEN_FLOWS)?))
-                .map_err(|e| derr(pin::BACKEND_OPEN_FLOWS, e))?;
-        let counters: PerCpuArray<_, Counters> = PerCpuArray::try_from(Map::PerCpuArray(open_map(
-            &self.dir,
-            pin::BACKEND_COUNTERS,
-        )?))
-        .map_err(|e| derr(pin::BACKEND_COUNTERS, e))?;
+        let backends: Array<_, BackendV4> = pinned::array(&self.dir, pin::BACKENDS_V4)?;
+        let open: Array<_, u64> = pinned::array(&self.dir, pin::BACKEND_OPEN_FLOWS)?;
+        let counters: PerCpuArray<_, Counters> =
+            pinned::per_cpu_array(&self.dir, pin::BACKEND_COUNTERS)?;
         let mut rows = Vec::new();
         for (id, b) in backends.iter().enumerate() {
             let Ok(b) = b else { continue };

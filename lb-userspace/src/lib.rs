@@ -28,6 +28,7 @@ pub mod loader;
 pub mod maglev;
 pub mod metrics;
 pub mod model;
+pub mod pinned;
 pub mod plan;
 pub mod source;
 pub mod translate;

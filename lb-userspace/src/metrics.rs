@@ -9,7 +9,7 @@ use std::{
     sync::{Arc, RwLock},
 };
 
-use aya::maps::{Array, Map, MapData, PerCpuArray};
+use aya::maps::{MapData, PerCpuArray};
 use lb_common::{Counters, Stats, pin};
 use prometheus_client::{
     collector::Collector,
@@ -229,8 +229,7 @@ fn per_cpu<T: aya::Pod + Default>(
     dir: &std::path::Path,
     name: &str,
 ) -> Option<PerCpuArray<MapData, T>> {
-    let data = MapData::from_pin(dir.join(name)).ok()?;
-    PerCpuArray::try_from(Map::PerCpuArray(data)).ok()
+    crate::pinned::per_cpu_array(dir, name).ok()
 }
 
 fn sum_counters(map: &PerCpuArray<MapData, Counters>, id: u32) -> Counters {
@@ -279,10 +278,7 @@ impl Collector for DatapathCollector {
             }
         }
         // Open flows per backend, exact (the datapath's counts).
-        if let Some(open) = MapData::from_pin(self.pin_dir.join(pin::BACKEND_OPEN_FLOWS))
-            .ok()
-            .and_then(|d| Array::<_, u64>::try_from(Map::Array(d)).ok())
-        {
+        if let Ok(open) = crate::pinned::array::<u64>(&self.pin_dir, pin::BACKEND_OPEN_FLOWS) {
             let mut m = encoder.encode_descriptor(
                 "backend_open_flows",
                 "Flows open on this node, per backend (from pinning to RST, FIN both ways or timeout)",
