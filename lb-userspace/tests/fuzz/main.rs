@@ -19,19 +19,19 @@ mod model;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::Instant,
 };
 
 use aya::{
     TestRun,
-    maps::{Array, HashMap, Map, MapData, PerCpuArray},
     programs::{SchedClassifier, TestRunOptions, Xdp},
 };
 use lb_common::{MAX_BACKENDS, MAX_SERVICES, Stats, pin};
 use lb_userspace::{
     loader::{Datapath, LoadOptions, TC_PROGRAM, XDP_PROGRAM, program},
     model::Desired,
+    pinned,
     plan::{PlanConfig, plan},
     writer::{MapWriter, kernel::KernelMaps, memory::MemoryMaps},
 };
@@ -108,27 +108,23 @@ impl Kernel {
         (r.return_value, out)
     }
 
-    fn pinned(&self, name: &str) -> MapData {
-        MapData::from_pin(
-            self.root
-                .join(format!("v{}", lb_common::MAP_VERSION))
-                .join(name),
-        )
-        .unwrap()
+    /// Where the maps are pinned.
+    fn pins(&self) -> PathBuf {
+        self.root.join(format!("v{}", lb_common::MAP_VERSION))
     }
 
     /// The kernel's flow maps and counters, for the ids `ids` names.
     fn flows(&self, services: &BTreeSet<u32>, backends: &BTreeSet<u32>) -> Flows {
-        fn hash<K: aya::Pod + Ord, V: aya::Pod>(m: Map) -> BTreeMap<K, V> {
-            HashMap::<_, K, V>::try_from(m)
+        let dir = self.pins();
+        fn hash<K: aya::Pod + Ord, V: aya::Pod>(dir: &Path, name: &str) -> BTreeMap<K, V> {
+            pinned::hash::<K, V>(dir, name)
                 .unwrap()
                 .iter()
                 .map(|r| r.unwrap())
                 .collect()
         }
         let per_cpu = |name: &str, ids: &BTreeSet<u32>| {
-            let m: PerCpuArray<_, lb_common::Counters> =
-                PerCpuArray::try_from(Map::PerCpuArray(self.pinned(name))).unwrap();
+            let m = pinned::per_cpu_array::<lb_common::Counters>(&dir, name).unwrap();
             ids.iter()
                 .map(|&id| {
                     let mut c = lb_common::Counters::default();
@@ -140,20 +136,19 @@ impl Kernel {
                 .collect()
         };
         let array = |name: &str, ids: &BTreeSet<u32>| {
-            let m: Array<_, u64> = Array::try_from(Map::Array(self.pinned(name))).unwrap();
+            let m = pinned::array::<u64>(&dir, name).unwrap();
             ids.iter().map(|&id| (id, m.get(&id, 0).unwrap())).collect()
         };
-        let stats: PerCpuArray<_, Stats> =
-            PerCpuArray::try_from(Map::PerCpuArray(self.pinned(pin::STATS))).unwrap();
         let mut st = Stats::default();
+        let stats = pinned::per_cpu_array::<Stats>(&dir, pin::STATS).unwrap();
         for v in stats.get(&0, 0).unwrap().iter() {
             st.add(v);
         }
         Flows {
-            ct: hash(Map::LruHashMap(self.pinned(pin::CONNTRACK_V4))),
-            nat: hash(Map::HashMap(self.pinned(pin::NAT_V4))),
-            affinity: hash(Map::LruHashMap(self.pinned(pin::AFFINITY_V4))),
-            open: hash(Map::HashMap(self.pinned(pin::OPEN_FLOWS_V4))),
+            ct: hash(&dir, pin::CONNTRACK_V4),
+            nat: hash(&dir, pin::NAT_V4),
+            affinity: hash(&dir, pin::AFFINITY_V4),
+            open: hash(&dir, pin::OPEN_FLOWS_V4),
             be_open: array(pin::BACKEND_OPEN_FLOWS, backends),
             rr: array(pin::ROUND_ROBIN, services),
             svc: per_cpu(pin::SERVICE_COUNTERS, services),

@@ -175,8 +175,7 @@ fn a_handshake_that_never_completes_releases_its_snat_port_after_the_syn_timeout
     let half_ct = g.ct(&fwd_key_of(46_000, 30200, IPPROTO_TCP)).unwrap();
     assert_eq!(half_ct.tcp_flags & CT_TCP_ACK, 0);
 
-    let pins = g.root.join(format!("v{}", lb_common::MAP_VERSION));
-    let mut tables = Tables::open(&pins, None).expect("open tables");
+    let mut tables = Tables::open(&g.pins(), None).expect("open tables");
     let now = monotonic_ns();
     let before = tables.collect(now + 30 * 1_000_000_000, &timeouts());
     assert_eq!(before.flows_removed, 0, "within the SYN timeout");
@@ -198,10 +197,9 @@ fn a_forwarded_flow_whose_forward_entry_was_evicted_keeps_its_snat_port() {
         let first = g.xdp_on(&tcp((CLIENT, 47_000), (NODE, 30200), true, b""), ifindex);
         // The LRU evicts the forward entry (per-CPU lists evict before the
         // table is full); the NAT mapping stays.
-        let m: HashMap<_, CtKeyV4, CtValueV4> =
-            HashMap::try_from(Map::LruHashMap(g.pinned(pin::CONNTRACK_V4))).unwrap();
-        let mut m = m;
-        m.remove(&fwd_key_of(47_000, 30200, IPPROTO_TCP)).unwrap();
+        g.conntrack()
+            .remove(&fwd_key_of(47_000, 30200, IPPROTO_TCP))
+            .unwrap();
         let second = g.xdp_on(&tcp((CLIENT, 47_000), (NODE, 30200), false, b"x"), ifindex);
         (first, second)
     });
@@ -212,9 +210,8 @@ fn a_forwarded_flow_whose_forward_entry_was_evicted_keeps_its_snat_port() {
         port(&first.1),
         "the connection keeps its SNAT port"
     );
-    let nat =
-        HashMap::<_, CtKeyV4, lb_common::NatValueV4>::try_from(Map::HashMap(g.pinned(pin::NAT_V4)))
-            .unwrap();
+    let nat: HashMap<_, CtKeyV4, lb_common::NatValueV4> =
+        pinned::hash(&g.pins(), pin::NAT_V4).unwrap();
     assert_eq!(nat.keys().count(), 1, "one mapping for one connection");
 }
 
@@ -298,9 +295,7 @@ fn a_local_flow_whose_reply_entry_was_evicted_gets_it_back_on_its_next_packet() 
     let pod = g.expected_backend(47_100, 30090, IPPROTO_TCP);
     let fwd = g.ct(&fwd_key_of(47_100, 30090, IPPROTO_TCP)).unwrap();
     let rkey = flow::partner_key(&fwd_key_of(47_100, 30090, IPPROTO_TCP), &fwd);
-    let mut m: HashMap<_, CtKeyV4, CtValueV4> =
-        HashMap::try_from(Map::LruHashMap(g.pinned(pin::CONNTRACK_V4))).unwrap();
-    m.remove(&rkey).unwrap();
+    g.conntrack().remove(&rkey).unwrap();
     // The entry is checked when the flow's time is refreshed (once a second).
     std::thread::sleep(Duration::from_millis(1_100));
     g.xdp(&tcp((CLIENT, 47_100), (NODE, 30090), false, b"x"));

@@ -19,7 +19,7 @@ use std::{
 
 use aya::{
     TestRun,
-    maps::{Array, HashMap, Map, MapData, PerCpuArray},
+    maps::{Array, HashMap, MapData},
     programs::{SchedClassifier, TestRunOptions, TestRunResult, Xdp},
 };
 use etherparse::PacketBuilder;
@@ -30,6 +30,7 @@ use lb_common::{
 };
 use lb_userspace::{
     loader::{Datapath, LoadOptions, TC_PROGRAM, XDP_PROGRAM, close_with, program},
+    pinned,
     plan::{PlanConfig, plan},
     source::manifests,
     translate::{NodeContext, translate},
@@ -321,28 +322,27 @@ impl Golden {
         run(prog, pkt)
     }
 
-    fn pinned(&self, name: &str) -> MapData {
-        MapData::from_pin(
-            self.root
-                .join(format!("v{}", lb_common::MAP_VERSION))
-                .join(name),
-        )
-        .unwrap()
+    /// Where the maps are pinned.
+    fn pins(&self) -> PathBuf {
+        self.root.join(format!("v{}", lb_common::MAP_VERSION))
     }
 
     fn stats(&self) -> Stats {
-        let m: PerCpuArray<_, Stats> =
-            PerCpuArray::try_from(Map::PerCpuArray(self.pinned(pin::STATS))).unwrap();
-        let per_cpu = m.get(&0, 0).unwrap();
+        let m = pinned::per_cpu_array::<Stats>(&self.pins(), pin::STATS).unwrap();
         let mut s = Stats::default();
-        for c in per_cpu.iter() {
+        for c in m.get(&0, 0).unwrap().iter() {
             s.add(c);
         }
         s
     }
 
     fn open_flows(&self) -> Array<MapData, u64> {
-        Array::try_from(Map::Array(self.pinned(pin::BACKEND_OPEN_FLOWS))).unwrap()
+        pinned::array(&self.pins(), pin::BACKEND_OPEN_FLOWS).unwrap()
+    }
+
+    /// The conntrack map.
+    fn conntrack(&self) -> HashMap<MapData, CtKeyV4, CtValueV4> {
+        pinned::hash(&self.pins(), pin::CONNTRACK_V4).unwrap()
     }
 
     /// The backend id of `addr` (TCP port 8080 when it has several) in the maps.
@@ -367,9 +367,7 @@ impl Golden {
     }
 
     fn ct(&self, key: &CtKeyV4) -> Option<CtValueV4> {
-        let m: HashMap<_, CtKeyV4, CtValueV4> =
-            HashMap::try_from(Map::LruHashMap(self.pinned(pin::CONNTRACK_V4))).unwrap();
-        m.get(key, 0).ok()
+        self.conntrack().get(key, 0).ok()
     }
 
     /// The backend the host reference picks for a new flow.
