@@ -303,3 +303,37 @@ fn a_local_flow_whose_reply_entry_was_evicted_gets_it_back_on_its_next_packet() 
     let (_, back) = g.tc(&tcp(pod, (CLIENT, 47_100), false, b"y"));
     assert_eq!(back, tcp((NODE, 30090), (CLIENT, 47_100), false, b"y"));
 }
+
+#[test]
+fn lb_agent_flows_shows_the_pods_side_of_a_forwarded_flow() {
+    if !privileged() {
+        return;
+    }
+    let mut g = Golden::new(&PODS);
+    in_fib_netns(|ifindex, _| {
+        let syn = g.xdp_on(&tcp((CLIENT, 47_200), (NODE, 30200), true, b""), ifindex);
+        let port = u16::from_be_bytes([syn.1[34], syn.1[35]]);
+        g.xdp_on(&tcp((CLIENT, 47_200), (NODE, 30200), false, b""), ifindex);
+        // The pod on node B closes its side; its FIN comes back to the SNAT port.
+        let b = PacketBuilder::ethernet2(MAC_A, MAC_B)
+            .ipv4(POD_B, NODE, 64)
+            .tcp(8080, port, 5000, 64240)
+            .fin()
+            .ack(1);
+        let mut fin = Vec::new();
+        b.write(&mut fin, b"").unwrap();
+        assert_eq!(g.xdp_on(&fin, ifindex).0, XDP_TX);
+    });
+    let rows = lb_userspace::inspect::Pinned::new(&g.root)
+        .flows(monotonic_ns())
+        .expect("lb-agent flows");
+    let row = rows
+        .iter()
+        .find(|r| r.client == "198.18.0.2:47200")
+        .expect("the forwarded flow is listed");
+    assert_eq!(row.backend, "198.18.2.11:8080");
+    assert_eq!(
+        row.state, "fin-pod",
+        "the state includes the pod's side, read from the NAT mapping"
+    );
+}
