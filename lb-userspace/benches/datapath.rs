@@ -1,4 +1,4 @@
-//! Datapath benchmark (issue 5, items 1 and 5): per-packet cost of the real
+//! Datapath benchmark: per-packet cost of the real
 //! XDP and TC programs under BPF_PROG_TEST_RUN with the maps filled by the
 //! agent's own pipeline, and the Maglev spread against iptables' random
 //! chain. `cargo xtask bench` runs it as
@@ -191,7 +191,7 @@ fn main() -> ExitCode {
 struct Effort {
     /// Service counts measured (× [`ENDPOINTS`] endpoints each).
     services: &'static [usize],
-    /// Endpoint counts of one service measured (issue 8's endpoints axis).
+    /// Endpoint counts of one service measured (the endpoints axis).
     endpoints: &'static [usize],
     /// `repeat` of the non-service, established and TC calls (even: the
     /// ping-pong then ends on the input bytes).
@@ -301,7 +301,7 @@ fn datapath(quick: bool) -> Result<Value, String> {
     Ok(out)
 }
 
-/// The services of the policy figures (issue 7): JSON key prefix, the
+/// The services of the policy figures: JSON key prefix, the
 /// `lb-agent.dev/balancing` annotation, ready endpoints.
 const POLICY_CASES: [(&str, &str, usize); 5] = [
     ("maglev", "maglev", ENDPOINTS),

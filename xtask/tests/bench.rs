@@ -82,7 +82,7 @@ fn quick_bench_has_every_section_with_sane_numbers() {
         );
     }
     assert!(r["datapath"]["spread_pct"]["established_ns"].is_number());
-    // Issue 8: the endpoints axis of the per-packet cost (2 and 100 quick).
+    // The endpoints axis of the per-packet cost (2 and 100 quick).
     let ep = r["datapath"]["endpoints_axis"]["rows"]
         .as_array()
         .expect("datapath.endpoints_axis.rows");

@@ -1,4 +1,4 @@
-//! Balancing policies in a network-namespace lab (issue 7): round-robin
+//! Balancing policies in a network-namespace lab: round-robin
 //! takes the pods in turn; least-connection keeps long sessions off busy
 //! pods; `lb-agent flows` and `lb-agent backends` show what the datapath
 //! holds. Needs root and BPF; run with `--test-threads=1` (`cargo xtask

@@ -1,5 +1,4 @@
-//! `cargo xtask bench [--quick] [--out DIR]`: every benchmark of issues 5
-//! and 8 in one run, as JSON (`target/bench/results.json`) and, with
+//! `cargo xtask bench [--quick] [--out DIR]`: every benchmark in one run, as JSON (`target/bench/results.json`) and, with
 //! `--out`, as `DIR/benchmarks.{json,md,svg}` and `DIR/benchmarks-rates.svg`.
 //!
 //! 1. XDP/TC per-packet cost under BPF_PROG_TEST_RUN at 1, 1,000 and 10,000
@@ -51,7 +50,7 @@ use crate::{
     setup, traffic,
 };
 
-/// Issue 5's targets.
+/// The targets each measurement is held to.
 pub mod targets {
     /// XDP established flow, ns per packet.
     pub const ESTABLISHED_NS: f64 = 100.0;
@@ -71,11 +70,10 @@ pub mod targets {
     pub const CONTROL_PLANE_INITIAL_MS: f64 = 1_000.0;
     /// One added endpoint when 10,000 services exist, ms.
     pub const CONTROL_PLANE_ADD_MS: f64 = 10.0;
-    /// Issue 8: short-connection rate as a fraction of the no-load-balancer
-    /// rate, at every point of both axes.
+    /// Short-connection rate as a fraction of the no-load-balancer rate, at
+    /// every point of both axes.
     pub const FRACTION_OF_NOLB: f64 = 0.9;
-    /// Issue 8: allowed change of the per-packet cost from 2 to 1,000
-    /// endpoints, %.
+    /// Allowed change of the per-packet cost from 2 to 1,000 endpoints, %.
     pub const ENDPOINTS_SPREAD_PCT: f64 = 15.0;
 }
 
@@ -171,7 +169,7 @@ pub fn run(quick: bool) -> Result<Value> {
     let mut sync = runs.last().cloned().unwrap_or(Value::Null);
     sync["by_store_size"] = Value::Array(runs);
 
-    // Items 2–4 and issue 8: the same objects through this project, kube-proxy's
+    // Traffic and control plane: the same objects through this project, kube-proxy's
     // iptables and nftables rules, and no load balancer at all.
     let settings = traffic::Settings::new(quick);
     let short = traffic::short_connections(&agent, &settings)?;

@@ -94,7 +94,7 @@ fn target_rows(r: &Value) -> Vec<(String, String, Option<bool>)> {
             Some(p99 <= targets::SYNC_P99_MS),
         ));
     }
-    // Issue 8: per-packet cost along the endpoints axis.
+    // Per-packet cost along the endpoints axis.
     let ep = &dp["endpoints_axis"]["spread_pct"];
     for (k, what) in [
         ("established_ns", "established"),
@@ -104,7 +104,7 @@ fn target_rows(r: &Value) -> Vec<(String, String, Option<bool>)> {
             let full = ep["to_endpoints"].as_u64().unwrap_or(0) >= 1_000;
             rows.push((
                 format!(
-                    "XDP {what} within ±{}% from 2 to 1,000 endpoints (issue 8)",
+                    "XDP {what} within ±{}% from 2 to 1,000 endpoints",
                     targets::ENDPOINTS_SPREAD_PCT
                 ),
                 format!(
@@ -179,7 +179,7 @@ fn short_connection_targets(r: &Value, rows: &mut Vec<(String, String, Option<bo
     if let Some((frac, s, e)) = worst {
         rows.push((
             format!(
-                "short connections ≥ {}× the no-load-balancer rate at every point (issue 8)",
+                "short connections ≥ {}× the no-load-balancer rate at every point",
                 targets::FRACTION_OF_NOLB
             ),
             format!(
@@ -235,7 +235,7 @@ pub fn verdicts(r: &Value) -> Value {
 }
 
 pub(super) fn print_summary(r: &Value) {
-    println!("\nbench: targets of issue 5");
+    println!("\nbench: targets");
     for (what, measured, met) in target_rows(r) {
         let word = match met {
             Some(true) => "met   ",
@@ -305,7 +305,7 @@ pub fn markdown(r: &Value) -> String {
          the comparisons (across service counts, Maglev against iptables) as the result.\n"
     );
 
-    let _ = writeln!(m, "## Targets of issue 5\n");
+    let _ = writeln!(m, "## Targets\n");
     let _ = writeln!(m, "| target | measured | met |\n| --- | --- | --- |");
     let rows = target_rows(r);
     for (what, measured, met) in &rows {
@@ -410,14 +410,14 @@ pub fn markdown(r: &Value) -> String {
          whatever the size, so `LB_MAGLEV` still holds 10,000 × 64 KiB (655 MB of kernel \
          memory); the size only changes which slot a flow reads. \"Maps filled in\" is \
          translate + plan + map writes for that table size, not the control-plane figure \
-         of item 4.\n",
+         of section 6.\n",
         dp["maglev_table_size"]
     );
 
-    // 1a. Issue 8: the endpoints axis.
+    // 1a. The endpoints axis.
     let ep = &dp["endpoints_axis"];
     if ep.is_object() {
-        let _ = writeln!(m, "### Along the endpoints axis (issue 8)\n");
+        let _ = writeln!(m, "### Along the endpoints axis\n");
         let _ = writeln!(
             m,
             "| endpoints | non-service | established | new flow (net) | new flow (raw) | TC reply |\n\
@@ -448,10 +448,10 @@ pub fn markdown(r: &Value) -> String {
         );
     }
 
-    // 1b. Issue 7: a new flow's cost under each balancing policy.
+    // 1b. A new flow's cost under each balancing policy.
     let pol = &dp["policy_new_flow"];
     if pol.is_object() {
-        let _ = writeln!(m, "### A new flow under each balancing policy (issue 7)\n");
+        let _ = writeln!(m, "### A new flow under each balancing policy\n");
         let _ = writeln!(
             m,
             "| maglev (10) | round-robin (10) | least-connection (8) | least-connection (64) | least-connection (256: two candidates) |\n\
@@ -469,7 +469,7 @@ pub fn markdown(r: &Value) -> String {
         );
     }
 
-    // 1c. The forwarding path (remote backends, issue 4).
+    // 1c. The forwarding path (remote backends).
     let sn = &r["snat"];
     if sn.is_object() {
         let _ = writeln!(m, "### Forwarding to another node (SNAT path)\n");
@@ -616,7 +616,7 @@ fn closing_note(r: &Value, rows: &[(String, String, Option<bool>)]) -> String {
     };
     if missed("XDP new flow ≤") {
         notes.push(
-            "- **New flow far above 400 ns.** Before the balancing policies (issue 7) a \
+            "- **New flow far above 400 ns.** Before the balancing policies a \
              new flow measured 760-990 ns here: a Maglev slot read and two inserts into \
              the LRU conntrack map (forward and reply entries). The exact open-flow \
              counts added a third insert, into `LB_OPEN_FLOWS_V4`, a hash that is not \
@@ -779,7 +779,7 @@ fn ev(row: &Value, path: &str) -> Option<f64> {
     f(cur)
 }
 
-/// What the counters of a max-rate run say limited it (issue 8 item 3):
+/// What the counters of a max-rate run say limited it:
 /// the first of these that the evidence shows.
 fn limit_of(row: &Value) -> String {
     let n = |p: &str| ev(row, p).unwrap_or(0.0);
@@ -826,10 +826,7 @@ fn traffic_sections(m: &mut String, r: &Value) {
     if !sc.is_object() {
         return;
     }
-    let _ = writeln!(
-        m,
-        "## 4. Short connections through each system (issue 5 item 2, issue 8)\n"
-    );
+    let _ = writeln!(m, "## 4. Short connections through each system\n");
     let _ = writeln!(m, "{}\n", sc["method"].as_str().unwrap_or("?"));
     let _ = writeln!(
         m,
@@ -911,7 +908,7 @@ fn traffic_sections(m: &mut String, r: &Value) {
         num(&sc["offered_load_per_s"], 0)
     );
 
-    let _ = writeln!(m, "### What limits each system (issue 8 item 3)\n");
+    let _ = writeln!(m, "### What limits each system\n");
     let _ = writeln!(
         m,
         "Counters read in the namespaces around each max-rate run (deltas): CPU of the \
@@ -960,7 +957,7 @@ fn traffic_sections(m: &mut String, r: &Value) {
 
     let u = &r["udp"];
     if u.is_object() {
-        let _ = writeln!(m, "## 5. UDP through each system (issue 5 item 3)\n");
+        let _ = writeln!(m, "## 5. UDP through each system\n");
         let _ = writeln!(m, "{}\n", u["method"].as_str().unwrap_or("?"));
         let _ = writeln!(
             m,
@@ -989,10 +986,7 @@ fn control_plane_section(m: &mut String, r: &Value) {
     if !cp.is_object() {
         return;
     }
-    let _ = writeln!(
-        m,
-        "## 6. Control plane: objects to a ready dataplane (issue 5 item 4)\n"
-    );
+    let _ = writeln!(m, "## 6. Control plane: objects to a ready dataplane\n");
     let _ = writeln!(
         m,
         "{} services × {} endpoints.\n\n\

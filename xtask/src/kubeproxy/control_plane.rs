@@ -1,4 +1,4 @@
-//! Issue 5 item 4: how long each system takes from the Service and
+//! How long each system takes from the Service and
 //! EndpointSlice objects to a programmed dataplane, for 10,000 services × 10
 //! endpoints (1,000 in quick mode), and to add one endpoint when they all
 //! exist. Each system runs in its own fresh network namespace.

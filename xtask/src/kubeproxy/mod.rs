@@ -11,7 +11,7 @@
 //! - [`nftables`]: the `nft -f` transaction of a full sync and of a partial
 //!   sync, table `ip kube-proxy`.
 //! - [`manifests`]: a `kind: List` of Services and EndpointSlices.
-//! - [`control_plane`]: issue 5 item 4, time from the objects to a
+//! - [`control_plane`]: time from the objects to a
 //!   programmed dataplane, and for one added endpoint.
 //!
 //! What kube-proxy configuration is reproduced (its defaults unless said):

@@ -1,4 +1,4 @@
-//! Evidence of what limits a system (issue 8 item 3): kernel counters read
+//! Evidence of what limits a system: kernel counters read
 //! before and after a measurement, inside each namespace, and their deltas.
 //!
 //! * SNMP and extended TCP counters (what `nstat -az` prints): read from

@@ -1,5 +1,6 @@
-//! Traffic through each system on one namespace topology (issue 5 items 2
-//! and 3, issue 8 items 1–3): **xdp** (lb-agent), **iptables** and
+//! Traffic through each system on one namespace topology, at every point of
+//! the services and endpoints axes, against the no-load-balancer ceiling:
+//! **xdp** (lb-agent), **iptables** and
 //! **nftables** (kube-proxy's rules from [`crate::kubeproxy`]) and **nolb**
 //! (the client connects straight to the pod addresses).
 //!
