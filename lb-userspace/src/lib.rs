@@ -19,7 +19,6 @@
 
 pub mod agent;
 pub mod cli;
-pub mod counting;
 pub mod error;
 pub mod gc;
 pub mod health;
