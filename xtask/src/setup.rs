@@ -37,6 +37,8 @@ pub const TOOLS: &[(&str, &str)] = &[
     // `kubectl kustomize deploy/` in the manifest test.
     ("kubectl", "kubernetes-client"),
     ("python3", "python3"),
+    // The SYN flood test (`tests/flood.rs`).
+    ("hping3", "hping3"),
 ];
 
 /// Python modules the tests import, with the PyPI package of each

@@ -35,6 +35,8 @@ const KERNEL_TESTS: &[(&str, &str, &str)] = &[
     ("xtask", "deploy", "xtask/tests/deploy.rs"),
     ("xtask", "kube", "xtask/tests/kube.rs"),
     ("xtask", "cluster", "xtask/tests/cluster.rs"),
+    ("xtask", "churn", "xtask/tests/churn.rs"),
+    ("xtask", "flood", "xtask/tests/flood.rs"),
     ("xtask", "bench", "xtask/tests/bench.rs"),
 ];
 

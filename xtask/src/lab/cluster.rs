@@ -352,6 +352,14 @@ impl ClusterLab {
             ])?;
             ns.ip(&["link", "set", NODE_IFACE, "up"])?;
             ns.ip(&["link", "add", "br0", "type", "bridge"])?;
+            // Fixed, as in the single-node lab: pods come and go.
+            ns.ip(&[
+                "link",
+                "set",
+                "br0",
+                "address",
+                &format!("02:00:c6:12:{:02x}:01", id.pod_net()),
+            ])?;
             ns.ip(&[
                 "addr",
                 "add",
@@ -627,40 +635,32 @@ impl ClusterLab {
     /// `LB_STATS` of node `id`'s agent: each counter summed over the CPUs
     /// (through `bpftool -j map dump pinned`).
     pub fn stats(&self, id: NodeId) -> Result<BTreeMap<String, u64>> {
-        let pin = self.pin(id, pins::STATS);
-        let json = cmd::output(
-            Command::new(cmd::program("bpftool"))
-                .args(["-j", "map", "dump", "pinned"])
-                .arg(&pin),
-        )?;
-        let value: serde_json::Value = serde_json::from_str(&json)
-            .with_context(|| format!("parse bpftool dump of {}", pin.display()))?;
-        let mut sums = BTreeMap::new();
-        for entry in value.as_array().into_iter().flatten() {
-            // Per-CPU maps: raw bytes in `values`, named fields (BTF) in
-            // `formatted.values`.
-            let entry = entry.get("formatted").unwrap_or(entry);
-            for cpu in entry["values"].as_array().into_iter().flatten() {
-                for (name, v) in cpu["value"].as_object().into_iter().flatten() {
-                    if let Some(n) = v.as_u64() {
-                        *sums.entry(name.clone()).or_insert(0) += n;
-                    }
-                }
-            }
-        }
-        if sums.is_empty() {
-            bail!(
-                "no counters in the bpftool dump of {}:\n{json}",
-                pin.display()
-            );
-        }
-        Ok(sums)
+        super::read_stats(&self.pin(id, pins::STATS))
     }
 
     /// GET `/metrics` of node `id`'s agent, from the client.
     pub fn metrics(&self, id: NodeId) -> Result<String> {
         let addr = SocketAddr::V4(SocketAddrV4::new(id.addr(), METRICS_PORT));
         self.in_client(move || client::http_get_path(addr, "/metrics"))?
+    }
+
+    /// Gives each node a default route through the client's address, as a
+    /// real node has one through its uplink: answers to addresses outside
+    /// the lab (spoofed sources) leave through `n0` (where TC and XDP see
+    /// them) instead of failing the node's route lookup, and a strict
+    /// `rp_filter` would accept such sources on `n0`. The client does not
+    /// forward: it drops what it receives for other addresses.
+    pub fn route_default_via_client(&self) -> Result<()> {
+        for id in NodeId::ALL {
+            self.node(id).ip(&[
+                "route",
+                "replace",
+                "default",
+                "via",
+                &CLIENT_ADDR.to_string(),
+            ])?;
+        }
+        Ok(())
     }
 
     /// Routes the client's traffic to [`VIP`] through node `id`.

@@ -33,10 +33,46 @@ pub struct EchoOptions {
     pub load_balancer_ip: Option<Ipv4Addr>,
 }
 
+/// An endpoint's `conditions` in the EndpointSlice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Condition {
+    /// `ready: true, serving: true, terminating: false`.
+    #[default]
+    Ready,
+    /// A pod shutting down that still serves: `ready: false, serving: true,
+    /// terminating: true` (what the EndpointSlice controller writes during
+    /// a pod's grace period).
+    Terminating,
+}
+
+impl Condition {
+    /// The `conditions:` lines, indented for [`echo_service_conditions`].
+    fn yaml(self) -> &'static str {
+        match self {
+            Self::Ready => "      ready: true\n      serving: true\n      terminating: false\n",
+            Self::Terminating => {
+                "      ready: false\n      serving: true\n      terminating: true\n"
+            }
+        }
+    }
+}
+
 /// Like [`echo_service`], with each endpoint on the node it names
 /// (`nodeName`) and the Service variant `options`. With the default options
 /// and every endpoint on [`NODE_NAME`] the text is [`echo_service`]'s.
 pub fn echo_service_with(endpoints: &[(Ipv4Addr, &str)], options: &EchoOptions) -> String {
+    let endpoints: Vec<(Ipv4Addr, &str, Condition)> = endpoints
+        .iter()
+        .map(|&(addr, node)| (addr, node, Condition::Ready))
+        .collect();
+    echo_service_conditions(&endpoints, options)
+}
+
+/// Like [`echo_service_with`], with each endpoint's [`Condition`].
+pub fn echo_service_conditions(
+    endpoints: &[(Ipv4Addr, &str, Condition)],
+    options: &EchoOptions,
+) -> String {
     let kind = if options.load_balancer_ip.is_some() {
         "LoadBalancer"
     } else {
@@ -103,21 +139,19 @@ items:
   endpoints:
 "
     );
-    for (i, (addr, node)) in endpoints.iter().enumerate() {
+    for (i, (addr, node, condition)) in endpoints.iter().enumerate() {
         let _ = write!(
             yaml,
             "  - addresses:
     - {addr}
     conditions:
-      ready: true
-      serving: true
-      terminating: false
-    nodeName: {node}
+{}    nodeName: {node}
     targetRef:
       kind: Pod
       name: echo-{i}
       namespace: demo
-"
+",
+            condition.yaml()
         );
     }
     if endpoints.is_empty() {
@@ -161,5 +195,35 @@ mod tests {
         assert!(yaml.contains("    nodeName: node-b\n"));
         assert!(yaml.contains("    type: LoadBalancer\n    externalTrafficPolicy: Local\n"));
         assert!(yaml.contains("      - ip: 198.18.0.100\n"));
+    }
+
+    #[test]
+    fn terminating_endpoints_still_serve() {
+        let yaml = echo_service_conditions(
+            &[
+                (Ipv4Addr::new(198, 18, 1, 11), NODE_NAME, Condition::Ready),
+                (
+                    Ipv4Addr::new(198, 18, 1, 12),
+                    NODE_NAME,
+                    Condition::Terminating,
+                ),
+            ],
+            &EchoOptions::default(),
+        );
+        assert!(yaml.contains(
+            "    - 198.18.1.11\n    conditions:\n      ready: true\n      serving: true\n      \
+             terminating: false\n"
+        ));
+        assert!(yaml.contains(
+            "    - 198.18.1.12\n    conditions:\n      ready: false\n      serving: true\n      \
+             terminating: true\n"
+        ));
+        assert_eq!(
+            echo_service(&[Ipv4Addr::new(198, 18, 1, 11)]),
+            echo_service_conditions(
+                &[(Ipv4Addr::new(198, 18, 1, 11), NODE_NAME, Condition::Ready)],
+                &EchoOptions::default()
+            )
+        );
     }
 }

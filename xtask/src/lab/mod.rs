@@ -31,6 +31,7 @@ use anyhow::{Context as _, Result, bail};
 
 use self::{
     agent::{Agent, AgentConfig, AgentSource},
+    manifest::Condition,
     netns::Netns,
     server::Server,
 };
@@ -43,6 +44,8 @@ pub const NODE_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 /// The node's address on the pod bridge (the pods' default gateway).
 pub const BRIDGE_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+/// The MAC address of the node's pod bridge (locally administered).
+pub const BRIDGE_MAC: &str = "02:00:c6:12:01:01";
 /// The node's interface towards the client, where the agent attaches.
 pub const NODE_IFACE: &str = "n0";
 /// Map pin names under `<bpffs-root>/v3/` (`lb_common::consts::pin`).
@@ -55,6 +58,10 @@ pub mod pins {
     pub const CONNTRACK_V4: &str = "LB_CT_V4";
     /// Datapath counters.
     pub const STATS: &str = "LB_STATS";
+    /// SNAT mappings of flows forwarded to remote backends.
+    pub const NAT_V4: &str = "LB_NAT_V4";
+    /// Open-flow registry (flows counted per backend).
+    pub const OPEN_FLOWS_V4: &str = "LB_OPEN_FLOWS_V4";
     /// Layout version directory.
     pub const VERSION_DIR: &str = "v3";
 }
@@ -72,6 +79,27 @@ pub fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::SeqCst)
 }
 
+/// The root guard of the kernel tests: true when `test` can run (we are
+/// root). Otherwise panics under CI, and elsewhere says SKIPPED loudly (on
+/// the stderr handle itself: the test harness captures `eprintln!`) and
+/// returns false.
+pub fn can_run_as_root(test: &str) -> bool {
+    if crate::is_root() {
+        return true;
+    }
+    if crate::is_ci() {
+        panic!("{test}: CI is set but the kernel tests are not running as root");
+    }
+    let _ = std::io::Write::write_fmt(
+        &mut std::io::stderr(),
+        format_args!(
+            "\n!!! SKIPPED {test}: needs root (network namespaces, XDP). \
+             Run `sudo -E cargo xtask test`. !!!\n\n"
+        ),
+    );
+    false
+}
+
 /// The address of pod `i` (1-based): `198.18.1.(10+i)`.
 pub fn pod_addr(i: u8) -> Ipv4Addr {
     Ipv4Addr::new(198, 18, 1, 10 + i)
@@ -80,6 +108,38 @@ pub fn pod_addr(i: u8) -> Ipv4Addr {
 /// The name pod `i` answers with.
 pub fn pod_label(i: u8) -> String {
     format!("pod-{i}")
+}
+
+/// `LB_STATS` pinned at `pin`: each counter summed over the CPUs (through
+/// `bpftool -j map dump pinned`).
+pub fn read_stats(pin: &Path) -> Result<BTreeMap<String, u64>> {
+    let json = crate::cmd::output(
+        std::process::Command::new(crate::cmd::program("bpftool"))
+            .args(["-j", "map", "dump", "pinned"])
+            .arg(pin),
+    )?;
+    let value: serde_json::Value = serde_json::from_str(&json)
+        .with_context(|| format!("parse bpftool dump of {}", pin.display()))?;
+    let mut sums = BTreeMap::new();
+    for entry in value.as_array().into_iter().flatten() {
+        // Per-CPU maps: raw bytes in `values`, named fields (BTF) in
+        // `formatted.values`.
+        let entry = entry.get("formatted").unwrap_or(entry);
+        for cpu in entry["values"].as_array().into_iter().flatten() {
+            for (name, v) in cpu["value"].as_object().into_iter().flatten() {
+                if let Some(n) = v.as_u64() {
+                    *sums.entry(name.clone()).or_insert(0) += n;
+                }
+            }
+        }
+    }
+    if sums.is_empty() {
+        bail!(
+            "no counters in the bpftool dump of {}:\n{json}",
+            pin.display()
+        );
+    }
+    Ok(sums)
 }
 
 /// The NodePort frontend as seen from the client.
@@ -185,6 +245,11 @@ impl Lab {
         node.ip(&["addr", "add", &format!("{NODE_ADDR}/24"), "dev", NODE_IFACE])?;
         node.ip(&["link", "set", NODE_IFACE, "up"])?;
         node.ip(&["link", "add", "br0", "type", "bridge"])?;
+        // A fixed address: a bridge otherwise takes the lowest address of
+        // its ports, so adding or removing a pod could change the pods'
+        // gateway under their neighbour caches and lose their replies until
+        // they re-resolve it.
+        node.ip(&["link", "set", "br0", "address", BRIDGE_MAC])?;
         node.ip(&["addr", "add", &format!("{BRIDGE_ADDR}/24"), "dev", "br0"])?;
         node.ip(&["link", "set", "br0", "up"])?;
         node.sysctl("net.ipv4.ip_forward", "1")?;
@@ -239,6 +304,12 @@ impl Lab {
 
     /// Adds pod `i`: namespace, veth to the bridge, address, route, server.
     pub fn add_pod(&mut self, i: u8) -> Result<()> {
+        self.add_pod_labelled(i, &pod_label(i))
+    }
+
+    /// Like [`Lab::add_pod`], with a server that answers as `label` (tell a
+    /// pod recreated at the same address from the one it replaces).
+    pub fn add_pod_labelled(&mut self, i: u8, label: &str) -> Result<()> {
         if self.pods.contains_key(&i) {
             bail!("pod {i} exists");
         }
@@ -261,13 +332,35 @@ impl Lab {
         ns.ip(&["addr", "add", &format!("{}/24", pod_addr(i)), "dev", "eth0"])?;
         ns.ip(&["link", "set", "eth0", "up"])?;
         ns.ip(&["route", "add", "default", "via", &BRIDGE_ADDR.to_string()])?;
-        let server = Server::start(&ns, &pod_label(i), manifest::POD_PORT)?;
+        // A pod recreated at an old address has a new MAC address: forget
+        // the old one, which the node would otherwise keep using until its
+        // neighbour entry went stale (tens of seconds), as if the pod were
+        // unreachable. (`ip neigh flush` succeeds when there is none.)
+        self.node.ip(&[
+            "neigh",
+            "flush",
+            "to",
+            &pod_addr(i).to_string(),
+            "dev",
+            "br0",
+        ])?;
+        let server = Server::start(&ns, label, manifest::POD_PORT)?;
         self.pods.insert(i, Pod { server, ns });
         Ok(())
     }
 
     /// Removes pod `i` (stops its server, deletes its namespace and veth).
+    ///
+    /// The veth is deleted first, explicitly: a socket still open in the
+    /// pod (a connection thread of its server, an orphaned TCP socket
+    /// retransmitting its FIN) keeps a deleted namespace, and its interfaces,
+    /// alive, and a pod added again at that number needs the name `p<i>`.
     pub fn remove_pod(&mut self, i: u8) {
+        if self.pods.contains_key(&i)
+            && let Err(e) = self.node.ip(&["link", "del", &format!("p{i}")])
+        {
+            eprintln!("lab: removing pod {i}: {e:#}");
+        }
         self.pods.remove(&i);
     }
 
@@ -298,6 +391,19 @@ impl Lab {
     pub fn write_manifest(&self, pods: &[u8]) -> Result<&Path> {
         let addrs: Vec<Ipv4Addr> = pods.iter().map(|&i| pod_addr(i)).collect();
         self.write_manifest_text(&manifest::echo_service(&addrs))
+    }
+
+    /// Writes the `demo/echo` manifest with pod `i`'s endpoint in the given
+    /// condition, for each `(i, condition)` of `endpoints`.
+    pub fn write_manifest_conditions(&self, endpoints: &[(u8, Condition)]) -> Result<&Path> {
+        let endpoints: Vec<(Ipv4Addr, &str, Condition)> = endpoints
+            .iter()
+            .map(|&(i, c)| (pod_addr(i), manifest::NODE_NAME, c))
+            .collect();
+        self.write_manifest_text(&manifest::echo_service_conditions(
+            &endpoints,
+            &manifest::EchoOptions::default(),
+        ))
     }
 
     /// Writes `text` to the lab's manifest file.
@@ -382,6 +488,12 @@ impl Lab {
         self.agent()?.reload(agent::SYNCED)
     }
 
+    /// Like [`Lab::reload`], with each endpoint's condition.
+    pub fn reload_conditions(&mut self, endpoints: &[(u8, Condition)]) -> Result<()> {
+        self.write_manifest_conditions(endpoints)?;
+        self.agent()?.reload(agent::SYNCED)
+    }
+
     /// Kills the agent with SIGKILL (no cleanup, as a crash) and returns its log.
     pub fn kill_agent(&mut self) -> Result<String> {
         let mut agent = self.agent.take().context("the agent is not running")?;
@@ -394,6 +506,11 @@ impl Lab {
         let mut agent = self.agent.take().context("the agent is not running")?;
         agent.stop()?;
         Ok(agent.log())
+    }
+
+    /// `LB_STATS`: each counter summed over the CPUs.
+    pub fn stats(&self) -> Result<BTreeMap<String, u64>> {
+        read_stats(&self.pin(pins::STATS))
     }
 
     /// Runs `bpftool [-j] map dump pinned <pin>` and returns its output.
@@ -439,6 +556,8 @@ mod tests {
         assert_eq!(super::pins::BACKENDS_V4, pin::BACKENDS_V4);
         assert_eq!(super::pins::CONNTRACK_V4, pin::CONNTRACK_V4);
         assert_eq!(super::pins::STATS, pin::STATS);
+        assert_eq!(super::pins::NAT_V4, pin::NAT_V4);
+        assert_eq!(super::pins::OPEN_FLOWS_V4, pin::OPEN_FLOWS_V4);
         assert_eq!(
             super::pins::VERSION_DIR,
             format!("v{}", lb_common::consts::MAP_VERSION)

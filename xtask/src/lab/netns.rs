@@ -65,6 +65,24 @@ impl Netns {
         )
     }
 
+    /// The packet counters of interface `iface` (`ip -s -j link show`).
+    pub fn link_stats(&self, iface: &str) -> Result<LinkStats> {
+        let json = cmd::output(
+            Command::new(cmd::program("ip"))
+                .args(["-n", &self.name, "-s", "-j", "link", "show", iface]),
+        )?;
+        let v: serde_json::Value = serde_json::from_str(&json)
+            .with_context(|| format!("parse `ip -s -j link show {iface}`"))?;
+        let stats = &v[0]["stats64"];
+        let n = |dir: &str, field: &str| stats[dir][field].as_u64().unwrap_or(0);
+        Ok(LinkStats {
+            rx_packets: n("rx", "packets"),
+            rx_dropped: n("rx", "dropped"),
+            tx_packets: n("tx", "packets"),
+            tx_dropped: n("tx", "dropped"),
+        })
+    }
+
     /// Runs `f` on a thread that has entered this namespace; see [`in_netns`].
     pub fn run<T, F>(&self, f: F) -> Result<T>
     where
@@ -72,6 +90,32 @@ impl Netns {
         F: FnOnce() -> T + Send + 'static,
     {
         in_netns(&self.name, f)
+    }
+}
+
+/// An interface's packet counters (see [`Netns::link_stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinkStats {
+    /// Packets received.
+    pub rx_packets: u64,
+    /// Packets dropped on receipt (for a veth: by its peer's transmit, e.g.
+    /// a full XDP ring).
+    pub rx_dropped: u64,
+    /// Packets sent.
+    pub tx_packets: u64,
+    /// Packets dropped on transmit.
+    pub tx_dropped: u64,
+}
+
+impl LinkStats {
+    /// The counts since `before`.
+    pub fn since(&self, before: &Self) -> Self {
+        Self {
+            rx_packets: self.rx_packets.saturating_sub(before.rx_packets),
+            rx_dropped: self.rx_dropped.saturating_sub(before.rx_dropped),
+            tx_packets: self.tx_packets.saturating_sub(before.tx_packets),
+            tx_dropped: self.tx_dropped.saturating_sub(before.tx_dropped),
+        }
     }
 }
 
