@@ -28,6 +28,7 @@ const KERNEL_TESTS: &[(&str, &str, &str)] = &[
         "golden",
         "lb-userspace/tests/golden/main.rs",
     ),
+    ("lb-userspace", "fuzz", "lb-userspace/tests/fuzz/main.rs"),
     ("xtask", "e2e", "xtask/tests/e2e.rs"),
     ("xtask", "policies", "xtask/tests/policies.rs"),
     ("xtask", "kubeproxy", "xtask/tests/kubeproxy.rs"),
