@@ -167,6 +167,13 @@ pub const NAT_DEFAULT_CAPACITY: u32 = 131_072;
 /// Ports tried (from the flow hash on) before a new forwarded flow is
 /// dropped as `snat_exhausted`.
 pub const SNAT_PORT_TRIES: u32 = 16;
+/// When none of the tried ports is free, a port held by a flow whose client
+/// has not completed its handshake this long after the mapping was made is
+/// taken over (netfilter's early drop of unconfirmed entries): a SYN flood
+/// from spoofed sources then holds a remote backend's ports for this long,
+/// not for the whole SYN timeout. Longer than two SYN retransmissions (1 s,
+/// then 2 s later), so a slow client's handshake is left alone.
+pub const SNAT_RECLAIM_HALF_OPEN_NS: u64 = 5_000_000_000;
 /// Client ports tried (from the flow hash on, in `PORT_REMAP_LO..=65535`)
 /// for a local flow whose reply key is taken by another live flow, before
 /// the packet is dropped as `drop_reply_clash`.

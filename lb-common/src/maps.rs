@@ -437,11 +437,14 @@ pub struct Stats {
     /// ICMP errors to a client about a packet DNAT'd to a local pod,
     /// translated back at TC egress.
     pub tc_icmp_translated: u64,
+    /// SNAT ports taken over from a flow whose handshake never completed
+    /// (`SNAT_RECLAIM_HALF_OPEN_NS`), because every tried port was in use.
+    pub snat_reclaimed: u64,
 }
 
 impl Stats {
     /// Every counter with its field name, in declaration order.
-    pub fn named(&self) -> [(&'static str, u64); 31] {
+    pub fn named(&self) -> [(&'static str, u64); 32] {
         [
             ("xdp_packets", self.xdp_packets),
             ("pass_not_ipv4", self.pass_not_ipv4),
@@ -474,6 +477,7 @@ impl Stats {
             ("drop_reply_clash", self.drop_reply_clash),
             ("icmp_translated", self.icmp_translated),
             ("tc_icmp_translated", self.tc_icmp_translated),
+            ("snat_reclaimed", self.snat_reclaimed),
         ]
     }
 
@@ -510,6 +514,7 @@ impl Stats {
         self.drop_reply_clash += other.drop_reply_clash;
         self.icmp_translated += other.icmp_translated;
         self.tc_icmp_translated += other.tc_icmp_translated;
+        self.snat_reclaimed += other.snat_reclaimed;
     }
 }
 
@@ -540,7 +545,7 @@ const _: () = assert!(size_of::<Counters>() == 40);
 const _: () = assert!(size_of::<AffinityKeyV4>() == 8);
 const _: () = assert!(size_of::<AffinityValue>() == 16);
 const _: () = assert!(size_of::<SrcRangeV4>() == 8);
-const _: () = assert!(size_of::<Stats>() == 31 * 8);
+const _: () = assert!(size_of::<Stats>() == 32 * 8);
 
 #[cfg(feature = "user")]
 mod pod {

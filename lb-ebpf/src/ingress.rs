@@ -119,7 +119,7 @@ pub fn handle(ctx: &XdpContext) -> u32 {
                     st.fib_failed += 1;
                     return XDP_DROP;
                 };
-                let Some(ep) = snat::reserve(&cfg, &pkt, hash, choice.id, &be, now) else {
+                let Some(ep) = snat::reserve(&cfg, &pkt, hash, choice.id, &be, now, st) else {
                     st.snat_exhausted += 1;
                     return XDP_DROP;
                 };

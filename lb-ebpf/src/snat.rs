@@ -5,13 +5,13 @@
 
 use aya_ebpf::bindings::BPF_NOEXIST;
 use lb_common::{
-    BackendV4, CT_DIR_SNAT, CT_TCP_FIN_REPLY, CT_TCP_RST, DatapathConfig, NatValueV4,
-    SNAT_PORT_TRIES, Stats, flow,
+    BackendV4, CT_DIR_SNAT, CT_TCP_FIN_REPLY, CT_TCP_RST, CtKeyV4, DatapathConfig, NatValueV4,
+    SNAT_PORT_TRIES, SNAT_RECLAIM_HALF_OPEN_NS, Stats, flow,
 };
 
 use crate::{
     conntrack, flows,
-    maps::{LB_CONFIG, LB_NAT_V4},
+    maps::{LB_CONFIG, LB_CT_V4, LB_NAT_V4},
     nat::Endpoint,
     parse::PacketV4,
 };
@@ -31,6 +31,9 @@ pub fn config() -> Option<DatapathConfig> {
 /// the flow's forward entry but not its mapping, the next packet walks the
 /// same ports (same hash, same backend) and finds it, so the connection
 /// keeps its source port instead of reaching the backend from a second one.
+///
+/// When every tried port is in use, the first one held by a half-open flow
+/// older than `SNAT_RECLAIM_HALF_OPEN_NS` is taken over ([`reclaim`]).
 #[inline(always)]
 pub fn reserve(
     cfg: &DatapathConfig,
@@ -39,6 +42,7 @@ pub fn reserve(
     backend_id: u32,
     be: &BackendV4,
     now: u64,
+    st: &mut Stats,
 ) -> Option<Endpoint> {
     let range = (cfg.snat_port_hi - cfg.snat_port_lo) as u32 + 1;
     let value = NatValueV4 {
@@ -52,6 +56,7 @@ pub fn reserve(
         created_ns: now,
         last_seen_ns: now,
     };
+    let mut stale: Option<(CtKeyV4, NatValueV4)> = None;
     let mut i = 0;
     while i < SNAT_PORT_TRIES {
         let port = cfg.snat_port_lo + (hash.wrapping_add(i) % range) as u16;
@@ -65,14 +70,48 @@ pub fn reserve(
             return Some((cfg.snat_addr, port.to_be()));
         }
         // SAFETY: read-only copy of a hash value.
-        if let Some(n) = unsafe { LB_NAT_V4.get(&key) }
-            && flow::forward_key_of_nat(&key, n) == conntrack::forward_key(pkt)
-        {
-            return Some((cfg.snat_addr, port.to_be()));
+        if let Some(n) = unsafe { LB_NAT_V4.get(&key) }.copied() {
+            if flow::forward_key_of_nat(&key, &n) == conntrack::forward_key(pkt) {
+                return Some((cfg.snat_addr, port.to_be()));
+            }
+            if stale.is_none() && reclaimable(&key, &n, now) {
+                stale = Some((key, n));
+            }
         }
         i += 1;
     }
-    None
+    let (key, old) = stale?;
+    reclaim(&key, &old, value, st).then_some((cfg.snat_addr, key.dst_port_be))
+}
+
+/// True if mapping (`key`, `n`) belongs to a flow whose client has not
+/// completed its handshake `SNAT_RECLAIM_HALF_OPEN_NS` after it was made.
+#[inline(always)]
+fn reclaimable(key: &CtKeyV4, n: &NatValueV4, now: u64) -> bool {
+    if now.wrapping_sub(n.created_ns) <= SNAT_RECLAIM_HALF_OPEN_NS {
+        return false;
+    }
+    let fkey = flow::forward_key_of_nat(key, n);
+    // SAFETY: read-only copy of one field of an LRU value.
+    unsafe { LB_CT_V4.get(&fkey) }.is_some_and(|f| flow::half_open(key.proto, f.tcp_flags))
+}
+
+/// Takes the port of mapping (`key`, `old`) for a new flow: the half-open
+/// flow loses its forward entry first (its next packet is a new flow that
+/// finds another port) and its open-flow count, then the mapping is
+/// replaced by delete + insert-if-absent, so of two CPUs reclaiming one port
+/// only one gets it. True if this flow got it.
+#[inline(always)]
+fn reclaim(key: &CtKeyV4, old: &NatValueV4, value: NatValueV4, st: &mut Stats) -> bool {
+    let fkey = flow::forward_key_of_nat(key, old);
+    let _ = LB_CT_V4.remove(&fkey);
+    flows::close_counted(&fkey, st);
+    let _ = LB_NAT_V4.remove(key);
+    if LB_NAT_V4.insert(key, value, BPF_NOEXIST as u64).is_ok() {
+        st.snat_reclaimed += 1;
+        return true;
+    }
+    false
 }
 
 /// For a reply of a forwarded flow (backend → this node's SNAT endpoint):

@@ -110,6 +110,8 @@ const DETAILS: &[&str] = &[
     "tc_packets",
     "tc_reverse_nat",
     "tc_rewrite_failed",
+    "tc_icmp_translated",
+    "snat_reclaimed",
 ];
 
 /// Entries of a pinned hash map (LRU or not), counted by walking its keys.

@@ -337,3 +337,48 @@ fn lb_agent_flows_shows_the_pods_side_of_a_forwarded_flow() {
         "the state includes the pod's side, read from the NAT mapping"
     );
 }
+
+#[test]
+fn a_port_held_by_a_handshake_that_never_completed_is_taken_over_when_the_range_is_full() {
+    if !privileged() {
+        return;
+    }
+    let mut g = Golden::new(&PODS);
+    let s0 = g.stats();
+    let port = |p: &[u8]| u16::from_be_bytes([p[34], p[35]]);
+    let (half_port, young, reclaimed, established_only, retry) = in_fib_netns(|ifindex, _| {
+        let mut x = |sport: u16, syn: bool| {
+            g.xdp_on(&tcp((CLIENT, sport), (NODE, 30200), syn, b""), ifindex)
+        };
+        // The four SNAT ports: three completed handshakes, one bare SYN.
+        for sport in 48_000..48_003 {
+            assert_eq!(x(sport, true).0, XDP_TX);
+            assert_eq!(x(sport, false).0, XDP_TX);
+        }
+        let half = x(48_003, true);
+        assert_eq!(half.0, XDP_TX);
+        // Full, and the half-open flow is young: refused.
+        let young = x(48_010, true).0;
+        std::thread::sleep(Duration::from_millis(5_300));
+        let reclaimed = x(48_011, true);
+        let established_only = x(48_012, true).0;
+        // The flow that lost its port retries: a new flow, no port for it.
+        let retry = x(48_003, true).0;
+        (port(&half.1), young, reclaimed, established_only, retry)
+    });
+    assert_eq!(young, XDP_DROP, "a young half-open flow keeps its port");
+    assert_eq!(reclaimed.0, XDP_TX, "the port of the old half-open flow");
+    assert_eq!(port(&reclaimed.1), half_port);
+    assert_eq!(
+        established_only, XDP_DROP,
+        "completed flows keep their ports"
+    );
+    assert_eq!(retry, XDP_DROP);
+    let s = g.stats();
+    assert_eq!(s.snat_reclaimed - s0.snat_reclaimed, 1);
+    assert_eq!(s.snat_exhausted - s0.snat_exhausted, 3);
+    for sport in 48_000..48_003 {
+        let ct = g.ct(&fwd_key_of(sport, 30200, IPPROTO_TCP)).unwrap();
+        assert_ne!(ct.tcp_flags & CT_TCP_ACK, 0, "flow {sport} untouched");
+    }
+}
