@@ -20,7 +20,11 @@
 //! re-balanced, and counted again, on their next packet). Both go through the same exactly-once swap as the
 //! datapath, so no flow is counted down twice.
 
-use std::{collections::BTreeSet, path::Path, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::Path,
+    time::Duration,
+};
 
 use aya::maps::{Array, HashMap, MapData};
 use lb_common::{
@@ -122,13 +126,16 @@ impl Tables {
     /// forwarded one). Mappings and reply entries left without a forward
     /// entry (the LRU evicted it) go once idle for the closed-flow grace.
     pub fn collect(&mut self, now_ns: u64, t: &Timeouts) -> Collected {
-        let nat: Vec<(CtKeyV4, NatValueV4)> = self.nat.iter().filter_map(|r| r.ok()).collect();
+        // Collected into maps: a walk over keys that the datapath deletes
+        // meanwhile restarts from the first key and repeats some; a map
+        // counts each once.
+        let nat: BTreeMap<CtKeyV4, NatValueV4> = self.nat.iter().filter_map(|r| r.ok()).collect();
         // Read the registry before conntrack: the datapath pins a flow in
         // conntrack before it counts it, so every counted flow seen here has
         // its conntrack entry in the snapshot below (unless it is gone).
-        let registry: Vec<(CtKeyV4, OpenFlowV4)> =
+        let registry: BTreeMap<CtKeyV4, OpenFlowV4> =
             self.open.iter().filter_map(|r| r.ok()).collect();
-        let ct: Vec<(CtKeyV4, CtValueV4)> = self.ct.iter().filter_map(|r| r.ok()).collect();
+        let ct: BTreeMap<CtKeyV4, CtValueV4> = self.ct.iter().filter_map(|r| r.ok()).collect();
         let mut out = Collected {
             ct_entries: ct.len(),
             nat_entries: nat.len(),
@@ -136,7 +143,6 @@ impl Tables {
             flows_closed: 0,
             open_flows: registry.len(),
         };
-        let ct_keys: BTreeSet<CtKeyV4> = ct.iter().map(|(k, _)| *k).collect();
         let mut partners_seen = BTreeSet::new();
         for (k, v) in ct.iter().filter(|(k, _)| k.dir == CT_DIR_FORWARD) {
             let partner = flow::partner_key(k, v);
@@ -179,7 +185,7 @@ impl Tables {
             |last: u64| Duration::from_nanos(now_ns.saturating_sub(last)) > t.tcp_closed_grace;
         for (k, n) in &nat {
             let fwd = flow::forward_key_of_nat(k, n);
-            if !ct_keys.contains(&fwd) && orphan(n.last_seen_ns) {
+            if !ct.contains_key(&fwd) && orphan(n.last_seen_ns) {
                 let _ = self.nat.remove(k);
             }
         }

@@ -159,7 +159,9 @@ impl Metrics {
         let gc_removed = Counter::default();
         registry.register(
             "conntrack_entries",
-            "Conntrack entries (two per local flow, one per forwarded flow)",
+            "Conntrack entries seen by the last collection's walk (two per local flow, one per \
+             forwarded flow); while the table is rewritten during the walk, the entries that \
+             existed at some moment of it",
             ct_entries.clone(),
         );
         registry.register(
