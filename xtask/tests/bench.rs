@@ -2,8 +2,6 @@
 //! is there with sane numbers, and the docs (markdown, chart) are written.
 //! Needs root (`cargo xtask test` runs it as a kernel test).
 
-use std::io::Write as _;
-
 use serde_json::Value;
 
 fn num(v: &Value, path: &str) -> f64 {
@@ -28,12 +26,7 @@ fn within(v: &Value, path: &str, lo: f64, hi: f64) {
 
 #[test]
 fn quick_bench_has_every_section_with_sane_numbers() {
-    if !xtask::is_root() {
-        assert!(!xtask::is_ci(), "CI is set but not running as root");
-        let _ = writeln!(
-            std::io::stderr(),
-            "\n!!! SKIPPED bench smoke test: needs root !!!\n"
-        );
+    if !xtask::lab::can_run_as_root("bench smoke test") {
         return;
     }
     let r = xtask::bench::run(true).unwrap_or_else(|e| panic!("bench --quick: {e:#}"));

@@ -11,7 +11,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    io::{ErrorKind, Write as _},
+    io::ErrorKind,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
     thread,
     time::{Duration, Instant},
@@ -28,15 +28,7 @@ use xtask::lab::{
 /// programs when `xdp_pass`), or returns `None` (after saying why) when the
 /// test cannot run here.
 fn lab_or_skip(test: &str, pods_a: u8, pods_b: u8, xdp_pass: bool) -> Option<ClusterLab> {
-    if !xtask::is_root() {
-        if xtask::is_ci() {
-            panic!("{test}: CI is set but the cluster tests are not running as root");
-        }
-        let _ = writeln!(
-            std::io::stderr(),
-            "\n!!! SKIPPED {test}: needs root (network namespaces, XDP). \
-             Run `sudo -E cargo xtask test`. !!!\n"
-        );
+    if !xtask::lab::can_run_as_root(test) {
         return None;
     }
     Some(

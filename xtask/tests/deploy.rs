@@ -57,14 +57,7 @@ fn skip(test: &str, why: &str) {
 
 /// Whether the test can run as root; says why not otherwise.
 fn root_or_skip(test: &str) -> bool {
-    if xtask::is_root() {
-        return true;
-    }
-    skip(
-        test,
-        "needs root (BPF, network namespaces, buildah); run `sudo -E cargo xtask test`",
-    );
-    false
+    xtask::lab::can_run_as_root(test)
 }
 
 fn workspace_file(rel: &str) -> PathBuf {

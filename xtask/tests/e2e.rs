@@ -9,7 +9,7 @@
 
 use std::{
     collections::BTreeSet,
-    io::{ErrorKind, Write as _},
+    io::ErrorKind,
     net::{SocketAddr, SocketAddrV4, UdpSocket},
     thread,
     time::Duration,
@@ -25,17 +25,7 @@ use xtask::lab::{
 /// Builds a lab with `pods` pods, or returns `None` (after saying why) when
 /// the test cannot run here.
 fn lab_or_skip(test: &str, pods: u8) -> Option<Lab> {
-    if !xtask::is_root() {
-        if xtask::is_ci() {
-            panic!("{test}: CI is set but the e2e tests are not running as root");
-        }
-        // Straight to the stderr handle: the test harness captures
-        // `eprintln!`, and this line must be seen.
-        let _ = writeln!(
-            std::io::stderr(),
-            "\n!!! SKIPPED {test}: needs root (network namespaces, XDP). \
-             Run `sudo -E cargo xtask test`. !!!\n"
-        );
+    if !xtask::lab::can_run_as_root(test) {
         return None;
     }
     Some(Lab::new(pods).unwrap_or_else(|e| panic!("{test}: building the lab: {e:#}")))

@@ -3,7 +3,7 @@
 //! endpoint as a partial sync, check again, flush. Needs root (`cargo xtask
 //! test` runs it as a kernel test).
 
-use std::{io::Write as _, net::Ipv4Addr, process::Command};
+use std::{net::Ipv4Addr, process::Command};
 
 use xtask::{
     kubeproxy::{
@@ -13,12 +13,7 @@ use xtask::{
 };
 
 fn root_or_skip(what: &str) -> bool {
-    if xtask::is_root() {
-        return true;
-    }
-    assert!(!xtask::is_ci(), "CI is set but not running as root");
-    let _ = writeln!(std::io::stderr(), "\n!!! SKIPPED {what}: needs root !!!\n");
-    false
+    xtask::lab::can_run_as_root(what)
 }
 
 fn output(cmd: &mut Command) -> String {

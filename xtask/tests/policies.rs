@@ -29,15 +29,7 @@ const SESSION_PORT: u16 = 9090;
 const MAX_DELAY: Duration = Duration::from_millis(200);
 
 fn lab_or_skip(test: &str, pods: u8) -> Option<Lab> {
-    if !xtask::is_root() {
-        if xtask::is_ci() {
-            panic!("{test}: CI is set but the policy tests are not running as root");
-        }
-        let _ = writeln!(
-            std::io::stderr(),
-            "\n!!! SKIPPED {test}: needs root (network namespaces, XDP). \
-             Run `sudo -E cargo xtask test`. !!!\n"
-        );
+    if !xtask::lab::can_run_as_root(test) {
         return None;
     }
     Some(Lab::new(pods).unwrap_or_else(|e| panic!("{test}: building the lab: {e:#}")))

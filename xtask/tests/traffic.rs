@@ -4,21 +4,13 @@
 //! Needs root (`cargo xtask test` runs it as a kernel test); without root it
 //! prints SKIPPED and passes, except under CI, where it fails.
 
-use std::{io::Write as _, time::Duration};
+use std::time::Duration;
 
 use serde_json::Value;
 use xtask::traffic::{self, Settings, topology::System};
 
 fn skip_without_root(what: &str) -> bool {
-    if xtask::is_root() {
-        return false;
-    }
-    assert!(!xtask::is_ci(), "CI is set but not running as root");
-    let _ = writeln!(
-        std::io::stderr(),
-        "\n!!! SKIPPED {what}: needs root (network namespaces, BPF, iptables) !!!\n"
-    );
-    true
+    !xtask::lab::can_run_as_root(what)
 }
 
 fn tiny() -> Settings {
