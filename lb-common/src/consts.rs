@@ -7,6 +7,9 @@
 /// `<bpffs-root>/v<MAP_VERSION>/` so that an agent with a new layout never
 /// reuses maps written with an old one.
 pub const MAP_VERSION: u32 = 3;
+/// The directory of [`MAP_VERSION`]'s pins under the bpffs root: `v` and
+/// the version (a unit test keeps the two together).
+pub const PIN_DIR: &str = "v3";
 
 /// Maximum number of service ports (one Maglev table each). Ids run from 1;
 /// 0 means "none".
@@ -240,4 +243,14 @@ pub mod pin {
         OPEN_FLOWS_V4,
         SERVICE_NAMES,
     ];
+}
+
+#[cfg(test)]
+mod pin_dir_tests {
+    extern crate std;
+
+    #[test]
+    fn pin_dir_names_the_map_version() {
+        assert_eq!(super::PIN_DIR, std::format!("v{}", super::MAP_VERSION));
+    }
 }

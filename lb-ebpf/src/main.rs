@@ -61,14 +61,6 @@ mod entry {
         crate::ingress::handle(&ctx)
     }
 
-    /// Passes everything. Test topologies attach it to the peer of a veth
-    /// that receives `XDP_TX` frames (veth delivers them only to a peer
-    /// with an XDP program).
-    #[xdp]
-    pub fn lb_xdp_pass(_ctx: XdpContext) -> u32 {
-        aya_ebpf::bindings::xdp_action::XDP_PASS
-    }
-
     /// Ends one flow for the agent: the input "packet" is a flow's forward
     /// `CtKeyV4` (16 bytes, run through BPF_PROG_TEST_RUN by the agent's
     /// collector). Counts the flow down if it is still counted, under the

@@ -27,7 +27,7 @@
 //!   address and port), so every call is a conntrack miss, a Maglev choice
 //!   and two LRU inserts. A single call's time includes the test-run
 //!   framework's overhead, measured the same way (repeat = 1, same packets)
-//!   with `lb_xdp_pass`; both the raw average and the difference are
+//!   with the test eBPF object's `xdp_pass`; both the raw average and the difference are
 //!   reported.
 //! - **TC reply**: the established flow's reply `P:8080 → client` through
 //!   `lb_tc_egress`; the reverse-NAT entries of A and B ping-pong the same
@@ -292,7 +292,7 @@ fn datapath(quick: bool) -> Result<Value, String> {
         "method": {
             "non_service": "TCP SYN to a port with no frontend, repeat R: not rewritten, so every repetition is the same miss; median of the calls' averages",
             "established": "ping-pong pair: service A's pods P:8080 are external IPs of a helper service B whose only endpoint is A's frontend; after a two-run warm-up (two new flows) every repetition is a conntrack hit + DNAT (A rewrites to P:8080, B back); verified: established += R and new_flows += 0 per call, and the output equals the input for even R",
-            "new_flow": "repeat=1 over distinct SYNs (distinct source address and port): each call one conntrack miss, Maglev choice and two LRU inserts; raw = average call time, new_flow_ns = raw minus the average of lb_xdp_pass called the same way (repeat=1, same packets); verified: new_flows += packets",
+            "new_flow": "repeat=1 over distinct SYNs (distinct source address and port): each call one conntrack miss, Maglev choice and two LRU inserts; raw = average call time, new_flow_ns = raw minus the average of xdp_pass called the same way (repeat=1, same packets); verified: new_flows += packets",
             "tc_reply": "reply P:8080 -> client of the established flow through lb_tc_egress, repeat R; the reverse-NAT entries of A and B ping-pong the same way; verified: tc_reverse_nat += R per call",
             "maps": "filled through the agent's pipeline: Objects -> translate -> plan -> KernelMaps, one NodePort service per nodePort 30000+i, 10 ready local endpoints each; the measured service is the middle one; +1 helper service (B) for the ping-pong",
         },
@@ -380,7 +380,7 @@ fn policy_new_flow(effort: &Effort) -> Result<Value, String> {
         "method".into(),
         json!(format!(
             "one NodePort service per policy, each in its own datapath, the annotation {ANNOTATION_BALANCING} set on the Service and the maps filled through the agent's pipeline (Objects -> translate -> plan -> KernelMaps, Maglev size {BENCH_MAGLEV_SIZE}): maglev and round-robin with 10 ready local endpoints, least-connection with 8, 64 and 256. \
-             Each call: repeat=1 over {packets} distinct SYNs (every one a new flow: conntrack miss, the policy's choice, conntrack and open-flow registry inserts, count up), raw = average call time, _ns = raw minus lb_xdp_pass called the same way on the same packets; median over {} calls after one warm-up call, the five services' calls interleaved (rotating order) so that background noise hits them alike. \
+             Each call: repeat=1 over {packets} distinct SYNs (every one a new flow: conntrack miss, the policy's choice, conntrack and open-flow registry inserts, count up), raw = average call time, _ns = raw minus xdp_pass called the same way on the same packets; median over {} calls after one warm-up call, the five services' calls interleaved (rotating order) so that background noise hits them alike. \
              Flows are never closed, so the open-flow counts grow during the run (evenly under round-robin and least-connection). \
              least_conn_8 and least_conn_64 scan every backend's count (up to LC_SCAN_MAX = {LC_SCAN_MAX}); least_conn_256 has more than LC_SCAN_MAX backends and compares two candidates only (its Maglev slot and a second slot from a re-hash). \
              Verified after the calls (see `verified`): the frontend's policy in LB_FRONTENDS_V4, the conntrack reason of every flow of the last call, round-robin's LB_RR turn counter equal to the service's flows, and for round-robin and least-connection the LB_BE_OPEN counts summing to the flows (within 1 of each other except for the two-candidate case)",
@@ -580,6 +580,8 @@ struct Setup {
     /// SYNs sent by [`Setup::call_new_flows`] so far.
     syns_sent: u64,
     dp: Datapath,
+    /// The pass-only program (the test eBPF object): the call overhead.
+    pass: Ebpf,
     root: PinRoot,
     frontend: ([u8; 4], u16),
     fill_s: f64,
@@ -629,9 +631,7 @@ impl Setup {
         })
         .map_err(|e| format!("load the datapath: {e}"))?;
         let mut maps = KernelMaps::from_ebpf(&mut dp.ebpf).map_err(|e| e.to_string())?;
-        xdp(&mut dp.ebpf, "lb_xdp_pass")?
-            .load()
-            .map_err(|e| format!("load lb_xdp_pass: {e}"))?;
+        let pass = lb_testkit::xdp_pass::load().map_err(|e| format!("{e:#}"))?;
 
         let target = n / 2;
         let fill = Instant::now();
@@ -670,6 +670,7 @@ impl Setup {
             policy,
             syns_sent: 0,
             dp,
+            pass,
             root,
             frontend: (NODE, FIRST_NODE_PORT + target as u16),
             fill_s,
@@ -852,6 +853,10 @@ impl Setup {
         xdp(&mut self.dp.ebpf, name)
     }
 
+    fn pass(&mut self) -> Result<&mut Xdp, String> {
+        lb_testkit::xdp_pass::program(&mut self.pass).map_err(|e| format!("{e:#}"))
+    }
+
     /// (a) One call on the non-service packet.
     fn call_non_service(&mut self, repeat: u32) -> Result<f64, String> {
         let other = other_packet();
@@ -941,7 +946,7 @@ impl Setup {
     }
 
     /// (c) One new-flow call: `packets` distinct SYNs from `src_addr`, each
-    /// with repeat = 1, then the same SYNs through `lb_xdp_pass`. Returns
+    /// with repeat = 1, then the same SYNs through `xdp_pass`. Returns
     /// the two averages.
     fn call_new_flows(&mut self, src_addr: [u8; 4], packets: usize) -> Result<(f64, f64), String> {
         let syns: Vec<Vec<u8>> = (0..packets)
@@ -975,7 +980,7 @@ impl Setup {
         let raw = sum / syns.len() as f64;
         let mut sum = 0.0;
         for p in &syns {
-            let (res, _) = test_run(self.xdp("lb_xdp_pass")?, p, 1)?;
+            let (res, _) = test_run(self.pass()?, p, 1)?;
             sum += ns(res.duration);
         }
         Ok((raw, sum / syns.len() as f64))
@@ -1249,7 +1254,7 @@ fn xdp_calls(prog: &mut Xdp, pkts: &[Vec<u8>], ifindex: u32, want: u32) -> Resul
 /// lookup, XDP_TX), a packet of such a flow, and its reply translated back.
 /// Run in a private network namespace whose FIB resolves the next hop, with
 /// `repeat=1` calls (a rewritten packet is not a frontend any more) minus
-/// the call overhead of `lb_xdp_pass` measured the same way.
+/// the call overhead of `xdp_pass` measured the same way.
 fn snat_path(quick: bool) -> Result<Value, String> {
     let packets = if quick { 300 } else { 2_000 };
     std::thread::scope(|sc| {
@@ -1313,8 +1318,9 @@ fn snat_path(quick: bool) -> Result<Value, String> {
                 .collect();
             let frontend = (NODE, FIRST_NODE_PORT);
             let data = vec![tcp((CLIENT, 43_000), frontend, false); packets as usize];
-            let pass = xdp(&mut dp.ebpf, "lb_xdp_pass")?;
-            pass.load().map_err(|e| format!("load lb_xdp_pass: {e}"))?;
+            let mut pass_object = lb_testkit::xdp_pass::load().map_err(|e| format!("{e:#}"))?;
+            let pass =
+                lb_testkit::xdp_pass::program(&mut pass_object).map_err(|e| format!("{e:#}"))?;
             let overhead_new = xdp_calls(pass, &syns, ifindex, XDP_PASS)?;
             let overhead = xdp_calls(pass, &data, ifindex, XDP_PASS)?;
             let prog = xdp(&mut dp.ebpf, XDP_PROGRAM)?;
@@ -1355,7 +1361,7 @@ fn snat_path(quick: bool) -> Result<Value, String> {
                 "reverse_snat_raw_ns": round2(rev_raw),
                 "call_overhead_ns": round2(overhead),
                 "packets_per_figure": packets,
-                "method": "one NodePort service with 10 endpoints on another node; a private network namespace whose FIB resolves the next hop (bpf_fib_lookup succeeds, verdict XDP_TX checked on every call); repeat=1 calls (a rewritten packet is not a frontend, so repeat>1 would measure something else) minus lb_xdp_pass called the same way",
+                "method": "one NodePort service with 10 endpoints on another node; a private network namespace whose FIB resolves the next hop (bpf_fib_lookup succeeds, verdict XDP_TX checked on every call); repeat=1 calls (a rewritten packet is not a frontend, so repeat>1 would measure something else) minus xdp_pass called the same way",
             });
             println!(
                 "datapath: SNAT path: new forwarded flow {:.1} ns, established forwarded {:.1} ns, reply reverse-SNAT {:.1} ns (net of {:.1} ns call overhead)",

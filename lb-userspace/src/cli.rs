@@ -22,12 +22,6 @@ pub enum Command {
     /// the Kubernetes API, and keep them current until SIGINT/SIGTERM
     /// (SIGHUP re-reads the manifests).
     Run(RunArgs),
-    /// Attach an XDP program that passes everything to an interface, through
-    /// a link pinned at --pin, and exit. For test topologies: a veth delivers
-    /// the frames another node's XDP program sends with XDP_TX/XDP_REDIRECT
-    /// (rejects, forwarded flows) only when the receiving end has an XDP
-    /// program. Remove the pin to detach.
-    XdpPass(XdpPassArgs),
     /// List the flows open on this node, read from the pinned maps (works
     /// while the agent is down): client, frontend, backend, service,
     /// protocol, TCP state, age, idle time, and why that backend.
@@ -66,17 +60,6 @@ pub struct BackendsArgs {
     /// JSON instead of a table.
     #[arg(long)]
     pub json: bool,
-}
-
-/// Arguments of `lb-agent xdp-pass`.
-#[derive(Debug, Args)]
-pub struct XdpPassArgs {
-    /// Interface (in the current network namespace).
-    #[arg(short, long, value_name = "IFACE")]
-    pub interface: String,
-    /// bpffs path where the link is pinned.
-    #[arg(long, value_name = "PATH")]
-    pub pin: PathBuf,
 }
 
 /// Arguments of `lb-agent run`.

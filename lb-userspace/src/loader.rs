@@ -16,7 +16,7 @@ use aya::{
         xdp::XdpLink,
     },
 };
-use lb_common::{MAP_VERSION, pin};
+use lb_common::{PIN_DIR, pin};
 use tracing::{info, warn};
 
 use crate::error::{Error, Result};
@@ -81,7 +81,7 @@ struct Attached {
 
 /// The directory where maps of this layout version are pinned.
 pub fn pin_dir(bpffs_root: &Path) -> PathBuf {
-    bpffs_root.join(format!("v{MAP_VERSION}"))
+    bpffs_root.join(PIN_DIR)
 }
 
 fn check_bpffs(dir: &Path) -> Result<()> {
@@ -307,52 +307,6 @@ fn pin_link(link: FdLink, path: &Path) -> Result<PinnedLink> {
     }
     link.pin(path)
         .map_err(|e| Error::Datapath(format!("pinning link at {}: {e}", path.display())))
-}
-
-/// Attaches `lb_xdp_pass` (an XDP program that passes everything) to
-/// `iface` in the caller's network namespace, with the maps of the object
-/// shrunk to one entry. For test topologies: a veth delivers `XDP_TX`
-/// frames (our rejects) only to a peer that has an XDP program. The
-/// program stays attached as long as the returned object lives.
-pub fn attach_xdp_pass(iface: &str) -> Result<Ebpf> {
-    attach_xdp_pass_link(iface).map(|(ebpf, _)| ebpf)
-}
-
-/// Like [`attach_xdp_pass`], but pins the link at `pin` so the program
-/// stays attached after this process exits (until the pin is removed).
-pub fn pin_xdp_pass(iface: &str, pin: &Path) -> Result<()> {
-    if let Some(dir) = pin.parent() {
-        fs::create_dir_all(dir).map_err(|source| Error::Io {
-            path: dir.to_owned(),
-            source,
-        })?;
-    }
-    let (mut ebpf, id) = attach_xdp_pass_link(iface)?;
-    let prog: &mut Xdp = program(&mut ebpf, "lb_xdp_pass")?;
-    let link = prog
-        .take_link(id)
-        .map_err(|e| Error::Datapath(format!("lb_xdp_pass link: {e}")))?;
-    let link =
-        FdLink::try_from(link).map_err(|e| Error::Datapath(format!("lb_xdp_pass link: {e}")))?;
-    pin_link(link, pin)?;
-    Ok(())
-}
-
-fn attach_xdp_pass_link(iface: &str) -> Result<(Ebpf, aya::programs::xdp::XdpLinkId)> {
-    let mut loader = EbpfLoader::new();
-    for name in pin::ALL {
-        loader.map_max_entries(name, 1);
-    }
-    let mut ebpf = loader
-        .load(EBPF_OBJECT)
-        .map_err(|e| Error::Datapath(format!("loading the eBPF object: {e}")))?;
-    let prog: &mut Xdp = program(&mut ebpf, "lb_xdp_pass")?;
-    prog.load()
-        .map_err(|e| Error::Datapath(format!("loading lb_xdp_pass: {e}")))?;
-    let id = prog
-        .attach(iface, XdpMode::Driver)
-        .map_err(|e| Error::Datapath(format!("attaching lb_xdp_pass to {iface}: {e}")))?;
-    Ok((ebpf, id))
 }
 
 /// The program `name` of the object, as type `T`.

@@ -28,10 +28,6 @@ fn main() -> anyhow::Result<()> {
                 .build()?;
             rt.block_on(lb_userspace::agent::run(args))
         }
-        Command::XdpPass(args) => {
-            lb_userspace::loader::pin_xdp_pass(&args.interface, &args.pin)?;
-            Ok(())
-        }
         Command::Flows(a) => {
             let out = lb_userspace::inspect::print_flows(
                 &a.bpffs_root,

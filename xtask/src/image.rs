@@ -94,49 +94,13 @@ pub fn build_static_agent() -> Result<PathBuf> {
         .args(["-p", "lb-userspace", "--bin", "lb-agent"]);
     cmd::run(&mut cargo)?;
     let bin = static_agent_path();
-    if let Some(interp) = elf_interpreter(&bin)? {
+    if let Some(interp) = lb_testkit::elf_interpreter(&bin)? {
         bail!(
             "{} is dynamically linked (interpreter {interp}); the image has no libc",
             bin.display()
         );
     }
     Ok(bin)
-}
-
-/// The ELF interpreter (`PT_INTERP`) of a 64-bit little-endian ELF file, or
-/// `None` for a static (or static-pie) executable.
-pub fn elf_interpreter(path: &Path) -> Result<Option<String>> {
-    let data = fs::read(path).with_context(|| format!("read {}", path.display()))?;
-    parse_elf_interpreter(&data).with_context(|| format!("{} is not an ELF64 file", path.display()))
-}
-
-/// [`elf_interpreter`] on the bytes of the file; `None` when they are not a
-/// well-formed ELF64 little-endian file.
-fn parse_elf_interpreter(data: &[u8]) -> Option<Option<String>> {
-    const PT_INTERP: u32 = 3;
-    let u16_at = |off: usize| Some(u16::from_le_bytes(data.get(off..off + 2)?.try_into().ok()?));
-    let u32_at = |off: usize| Some(u32::from_le_bytes(data.get(off..off + 4)?.try_into().ok()?));
-    let u64_at = |off: usize| {
-        let v = u64::from_le_bytes(data.get(off..off + 8)?.try_into().ok()?);
-        usize::try_from(v).ok()
-    };
-    // Magic, ELFCLASS64, ELFDATA2LSB.
-    if data.get(..6)? != b"\x7fELF\x02\x01" {
-        return None;
-    }
-    let phoff = u64_at(0x20)?;
-    let phentsize = usize::from(u16_at(0x36)?);
-    let phnum = usize::from(u16_at(0x38)?);
-    for i in 0..phnum {
-        let ph = phoff.checked_add(i.checked_mul(phentsize)?)?;
-        if u32_at(ph)? == PT_INTERP {
-            let (off, size) = (u64_at(ph + 0x08)?, u64_at(ph + 0x20)?);
-            let raw = data.get(off..off.checked_add(size)?)?;
-            let name = raw.split(|&b| b == 0).next().unwrap_or_default();
-            return Some(Some(String::from_utf8_lossy(name).into_owned()));
-        }
-    }
-    Some(None)
 }
 
 /// Builds the static agent, then the image; returns what was built.
@@ -224,37 +188,6 @@ pub fn main() -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A minimal ELF64 header followed by program headers of the given types;
-    /// a PT_INTERP entry points at `/lib/ld.so\0` placed after them.
-    fn elf(types: &[u32]) -> Vec<u8> {
-        let mut data = vec![0u8; 0x40];
-        data[..6].copy_from_slice(b"\x7fELF\x02\x01");
-        data[0x20..0x28].copy_from_slice(&0x40u64.to_le_bytes());
-        data[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
-        data[0x38..0x3a].copy_from_slice(&(types.len() as u16).to_le_bytes());
-        let interp_off = 0x40 + 56 * types.len() as u64;
-        for &t in types {
-            let mut ph = vec![0u8; 56];
-            ph[..4].copy_from_slice(&t.to_le_bytes());
-            ph[0x08..0x10].copy_from_slice(&interp_off.to_le_bytes());
-            ph[0x20..0x28].copy_from_slice(&11u64.to_le_bytes());
-            data.extend(ph);
-        }
-        data.extend(b"/lib/ld.so\0");
-        data
-    }
-
-    #[test]
-    fn elf_interpreter_is_found_or_absent() {
-        assert_eq!(parse_elf_interpreter(&elf(&[1, 2])), Some(None));
-        assert_eq!(
-            parse_elf_interpreter(&elf(&[6, 3, 1])),
-            Some(Some("/lib/ld.so".to_owned()))
-        );
-        assert_eq!(parse_elf_interpreter(b"#!/bin/sh\n"), None);
-        assert_eq!(parse_elf_interpreter(&elf(&[3])[..0x50]), None);
-    }
 
     #[test]
     fn image_ref_carries_the_workspace_version() {

@@ -97,12 +97,9 @@ fn main() -> ExitCode {
         }
         Cmd::Image => xtask::image::main(),
         Cmd::Fuzz { seed, cases } => xtask::fuzz::main(seed, cases),
-        Cmd::Bench {
-            out: Some(out),
-            render: Some(json),
-            ..
-        } => xtask::bench::render(&json, &out),
-        Cmd::Bench { quick, out, .. } => xtask::bench::main(quick, out),
+        Cmd::Bench { quick, out, render } => {
+            xtask::bench::main(quick, out.as_deref(), render.as_deref())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -76,16 +76,6 @@ pub fn missing_packages() -> Vec<&'static str> {
     pkgs
 }
 
-/// Whether `/sys/fs/bpf` is a mounted bpffs.
-pub fn bpffs_mounted() -> bool {
-    std::fs::read_to_string("/proc/self/mounts").is_ok_and(|mounts| {
-        mounts.lines().any(|line| {
-            let mut fields = line.split_whitespace().skip(1);
-            fields.next() == Some("/sys/fs/bpf") && fields.next() == Some("bpf")
-        })
-    })
-}
-
 /// The LLVM major version of `rustc +toolchain`, from `rustc -vV`'s
 /// `LLVM version: 22.1.4` line.
 pub fn llvm_major(toolchain: &str) -> Result<u32> {
@@ -315,7 +305,7 @@ fn ensure_toolchain(verbose: bool) -> Result<()> {
 }
 
 fn ensure_bpffs(verbose: bool) -> Result<()> {
-    if bpffs_mounted() {
+    if crate::bpffs_mounted() {
         report(verbose, "bpffs", "mounted at /sys/fs/bpf");
         return Ok(());
     }

@@ -4,9 +4,11 @@
 //! 2. `cargo fmt --check`, `cargo clippy -D warnings`;
 //! 3. host tests: `cargo test --workspace` on every target but the kernel
 //!    test targets below (which need root and one thread), then doc tests;
-//! 4. as root: build lb-agent, then the kernel tests one thread at a time
-//!    (`lb-userspace --test golden` when it exists, `xtask --test e2e`,
-//!    `xtask --test deploy`).
+//! 4. as root: build lb-agent (debug and release) and the test eBPF object,
+//!    then the kernel tests one thread at a time ([`KERNEL_TESTS`]: the
+//!    golden packets and the fuzzer of `lb-userspace`, the suites of
+//!    `lb-e2e`, the kube-proxy rules, traffic and bench smoke tests of
+//!    `lb-bench`).
 //!
 //! Not root: fails under CI; elsewhere runs 1–3 and says loudly that the
 //! kernel tests did not run.
@@ -29,16 +31,16 @@ const KERNEL_TESTS: &[(&str, &str, &str)] = &[
         "lb-userspace/tests/golden/main.rs",
     ),
     ("lb-userspace", "fuzz", "lb-userspace/tests/fuzz/main.rs"),
-    ("xtask", "e2e", "xtask/tests/e2e.rs"),
-    ("xtask", "policies", "xtask/tests/policies.rs"),
-    ("xtask", "kubeproxy", "xtask/tests/kubeproxy.rs"),
-    ("xtask", "traffic", "xtask/tests/traffic.rs"),
-    ("xtask", "deploy", "xtask/tests/deploy.rs"),
-    ("xtask", "kube", "xtask/tests/kube.rs"),
-    ("xtask", "cluster", "xtask/tests/cluster.rs"),
-    ("xtask", "churn", "xtask/tests/churn.rs"),
-    ("xtask", "flood", "xtask/tests/flood.rs"),
-    ("xtask", "bench", "xtask/tests/bench.rs"),
+    ("lb-e2e", "e2e", "lb-e2e/tests/e2e.rs"),
+    ("lb-e2e", "policies", "lb-e2e/tests/policies.rs"),
+    ("lb-bench", "kubeproxy", "lb-bench/tests/kubeproxy.rs"),
+    ("lb-bench", "traffic", "lb-bench/tests/traffic.rs"),
+    ("lb-e2e", "deploy", "lb-e2e/tests/deploy.rs"),
+    ("lb-e2e", "kube", "lb-e2e/tests/kube.rs"),
+    ("lb-e2e", "cluster", "lb-e2e/tests/cluster.rs"),
+    ("lb-e2e", "churn", "lb-e2e/tests/churn.rs"),
+    ("lb-e2e", "flood", "lb-e2e/tests/flood.rs"),
+    ("lb-bench", "bench", "lb-bench/tests/bench.rs"),
 ];
 
 #[derive(Debug)]
@@ -182,9 +184,9 @@ pub fn main() -> Result<()> {
     });
 
     if root {
-        let mut agent: Option<PathBuf> = None;
+        let mut agent: Option<(PathBuf, PathBuf)> = None;
         let built = summary.step("build lb-agent", || {
-            agent = Some(build::build(false)?);
+            agent = Some((build::build(false)?, build::build(true)?));
             Ok(())
         });
         for &(package, target, file) in KERNEL_TESTS {
@@ -193,7 +195,7 @@ pub fn main() -> Result<()> {
                 summary.skip(&name, &format!("{file} does not exist yet"));
                 continue;
             }
-            let Some(bin) = agent.as_ref().filter(|_| built) else {
+            let Some((bin, release)) = agent.as_ref().filter(|_| built) else {
                 summary.skip(&name, "lb-agent did not build");
                 continue;
             };
@@ -201,7 +203,9 @@ pub fn main() -> Result<()> {
                 cmd::run(
                     cargo(&["test", "-p", package, "--test", target])
                         .args(["--", "--test-threads=1", "--nocapture"])
-                        .env("LB_AGENT_BIN", bin),
+                        .env("LB_AGENT_BIN", bin)
+                        .env("LB_AGENT_RELEASE_BIN", release)
+                        .env("LB_TEST_EBPF", lb_testkit::xdp_pass::object_path()),
                 )
             });
         }

@@ -54,16 +54,9 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// Root (and bpffs) or a loud failure under CI / a loud skip elsewhere.
+/// Root, or a loud failure under CI / a loud skip elsewhere.
 fn privileged() -> bool {
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("the datapath fuzzer needs root and a BPF-capable kernel (CI is set)");
-    }
-    eprintln!("SKIPPED: the datapath fuzzer needs root and a BPF-capable kernel");
-    false
+    lb_testkit::guard::can_run_as_root("the datapath fuzzer")
 }
 
 /// The loaded programs and their pinned maps for one run.

@@ -52,16 +52,9 @@ const CLIENT: [u8; 4] = [198, 18, 0, 2];
 const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 1];
 const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 2];
 
-/// Root (and bpffs) or a loud failure under CI / a loud skip elsewhere.
+/// Root, or a loud failure under CI / a loud skip elsewhere.
 fn privileged() -> bool {
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("golden tests need root and a BPF-capable kernel (CI is set, so this is a failure)");
-    }
-    eprintln!("SKIPPED: golden tests need root and a BPF-capable kernel");
-    false
+    lb_testkit::guard::can_run_as_root("golden tests")
 }
 
 fn manifest(endpoints: &[&str]) -> String {

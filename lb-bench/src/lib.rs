@@ -1,0 +1,621 @@
+//! The benchmarks of the load balancer and what it is compared with, in one
+//! run (`cargo xtask bench [--quick] [--out DIR]`, which builds the release
+//! `lb-agent` and runs the `lb-bench` binary): JSON in
+//! `target/bench/results.json` and, with `--out`, `DIR/benchmarks.{json,md,svg}`
+//! and `DIR/benchmarks-rates.svg`.
+//!
+//! 1. XDP/TC per-packet cost under BPF_PROG_TEST_RUN at 1, 1,000 and 10,000
+//!    services and at 2 … 1,000 endpoints, and the Maglev spread against
+//!    kube-proxy's random choices: the bench target
+//!    `lb-userspace/benches/datapath.rs` (run through `cargo bench`, which
+//!    builds it in release).
+//! 2. Sync latency of the real `lb-agent` (release build) watching the
+//!    API-server double in the namespace lab: from an EndpointSlice change
+//!    in the double's store to the agent's `synced` log line.
+//! 3. Short connections and UDP through this project, kube-proxy's iptables
+//!    and nftables rules (generated from the same objects by
+//!    [`crate::kubeproxy`]) and no load balancer, along the services and
+//!    the endpoints axes ([`crate::traffic`]).
+//! 4. Control plane: the same objects loaded by `lb-agent`,
+//!    `iptables-restore` and `nft -f`, and one endpoint added
+//!    ([`crate::kubeproxy::control_plane`]).
+//!
+//! [`report`] turns the results into the targets' verdicts and the markdown,
+//! [`chart`] into the SVG charts.
+//!
+//! Needs root; `--quick` (fewer points, shorter runs) is what `cargo xtask
+//! test` smoke-tests.
+
+use std::{
+    fs::File,
+    io::Read as _,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde_json::{Value, json};
+
+pub mod chart;
+pub mod report;
+
+use self::report::print_summary;
+pub use self::{
+    chart::chart,
+    report::{markdown, verdicts},
+};
+
+use lb_testkit::{
+    apiserver::{ApiServer, Options, Store},
+    cmd,
+    lab::{self, Lab, agent::AgentSource},
+};
+
+pub mod kubeproxy;
+pub mod traffic;
+
+/// The targets each measurement is held to.
+pub mod targets {
+    /// XDP established flow, ns per packet.
+    pub const ESTABLISHED_NS: f64 = 100.0;
+    /// XDP new flow, ns per packet.
+    pub const NEW_FLOW_NS: f64 = 400.0;
+    /// Allowed change of the per-packet cost from 1 to 10,000 services, %.
+    pub const SERVICES_SPREAD_PCT: f64 = 15.0;
+    /// Maglev max/min share over 100,000 flows.
+    pub const MAGLEV_MAX_MIN: f64 = 1.05;
+    /// Share of flows that move when one of ten backends is removed.
+    pub const MOVED_SHARE: f64 = 0.12;
+    /// Watch event to maps updated, p99, ms.
+    pub const SYNC_P99_MS: f64 = 100.0;
+    /// Short connections at 10,000 services: at least this many times iptables'.
+    pub const VS_IPTABLES_AT_10K: f64 = 2.0;
+    /// 10,000 services × 10 endpoints from objects to a ready dataplane, ms.
+    pub const CONTROL_PLANE_INITIAL_MS: f64 = 1_000.0;
+    /// One added endpoint when 10,000 services exist, ms.
+    pub const CONTROL_PLANE_ADD_MS: f64 = 10.0;
+    /// Short-connection rate as a fraction of the no-load-balancer rate, at
+    /// every point of both axes.
+    pub const FRACTION_OF_NOLB: f64 = 0.9;
+    /// Allowed change of the per-packet cost from 2 to 1,000 endpoints, %.
+    pub const ENDPOINTS_SPREAD_PCT: f64 = 15.0;
+}
+
+/// Sizes of the sync-latency run.
+#[derive(Clone, Copy, Debug)]
+pub struct SyncEffort {
+    /// Services (10 endpoints each) in the double's store.
+    pub services: usize,
+    /// EndpointSlice changes applied one at a time.
+    pub changes: usize,
+}
+
+/// The sync-latency runs of a quick or a full run, smallest store first
+/// (the last one is the headline and the target's verdict).
+pub fn sync_efforts(quick: bool) -> Vec<SyncEffort> {
+    if quick {
+        vec![SyncEffort {
+            services: 100,
+            changes: 100,
+        }]
+    } else {
+        [100, 1_000]
+            .map(|services| SyncEffort {
+                services,
+                changes: 1_000,
+            })
+            .to_vec()
+    }
+}
+
+/// The whole bench with the `lb-agent` at `agent` (a release build): writes
+/// `target/bench/results.json` and, with `out`, the docs.
+pub fn main(agent: &Path, quick: bool, out: Option<PathBuf>) -> Result<()> {
+    let results = run(agent, quick)?;
+    let dir = lb_testkit::target_dir().join("bench");
+    let path = dir.join("results.json");
+    write(&path, &(serde_json::to_string_pretty(&results)? + "\n"))?;
+    println!("bench: wrote {}", path.display());
+    if let Some(out) = out {
+        write_docs(&results, &out)?;
+    }
+    print_summary(&results);
+    Ok(())
+}
+
+/// `bench --render JSON --out DIR`: the docs of an earlier run, re-rendered.
+pub fn render(json: &Path, out: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(json).with_context(|| format!("read {}", json.display()))?;
+    let mut results: Value =
+        serde_json::from_str(&text).with_context(|| format!("parse {}", json.display()))?;
+    results["targets"] = verdicts(&results);
+    write_docs(&results, out)?;
+    print_summary(&results);
+    Ok(())
+}
+
+/// Runs every measurement and returns the results document.
+pub fn run(agent: &Path, quick: bool) -> Result<Value> {
+    if !lb_testkit::is_root() {
+        bail!(
+            "cargo xtask bench needs root: BPF_PROG_TEST_RUN, bpffs pins and network \
+             namespaces; run `sudo -E cargo xtask bench`"
+        );
+    }
+    let started = Instant::now();
+    let machine = machine();
+    let dir = lb_testkit::target_dir().join("bench");
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+
+    let dp_json = dir.join("datapath.json");
+    let _ = std::fs::remove_file(&dp_json);
+    let mut bench = cmd::cargo();
+    bench
+        .current_dir(lb_testkit::workspace_root())
+        .args(["bench", "-p", "lb-userspace", "--bench", "datapath", "--"])
+        .arg("--json")
+        .arg(&dp_json);
+    if quick {
+        bench.arg("--quick");
+    }
+    cmd::run(&mut bench)?;
+    let dp: Value = serde_json::from_str(
+        &std::fs::read_to_string(&dp_json)
+            .with_context(|| format!("read {}", dp_json.display()))?,
+    )
+    .context("parse the datapath bench's JSON")?;
+
+    let mut runs = Vec::new();
+    for effort in sync_efforts(quick) {
+        runs.push(sync_latency(agent, effort)?);
+    }
+    let mut sync = runs.last().cloned().unwrap_or(Value::Null);
+    sync["by_store_size"] = Value::Array(runs);
+
+    // Traffic and control plane: the same objects through this project, kube-proxy's
+    // iptables and nftables rules, and no load balancer at all.
+    let settings = traffic::Settings::new(quick);
+    let short = traffic::short_connections(agent, &settings)?;
+    let udp = traffic::udp(agent, &settings)?;
+    let control_plane = kubeproxy::control_plane(agent, quick)?;
+
+    let mut results = json!({
+        "schema": 1,
+        "quick": quick,
+        "date": rfc3339(SystemTime::now()),
+        "git": git_describe(),
+        "machine": machine,
+        "datapath": dp["datapath"],
+        "snat": dp["snat"],
+        "spread": dp["spread"],
+        "sync_latency": sync,
+        "short_connections": short,
+        "udp": udp,
+        "control_plane": control_plane,
+        "duration_seconds": 0.0,
+    });
+    results["targets"] = verdicts(&results);
+    results["duration_seconds"] = json!(round2(started.elapsed().as_secs_f64()));
+    Ok(results)
+}
+
+fn write(path: &Path, text: &str) -> Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;
+    }
+    std::fs::write(path, text).with_context(|| format!("write {}", path.display()))
+}
+
+/// Writes `benchmarks.json`, `benchmarks.md` and `benchmarks.svg` into `out`.
+pub fn write_docs(results: &Value, out: &Path) -> Result<()> {
+    write(
+        &out.join("benchmarks.json"),
+        &(serde_json::to_string_pretty(results)? + "\n"),
+    )?;
+    write(&out.join("benchmarks.svg"), &chart(results))?;
+    write(
+        &out.join("benchmarks-rates.svg"),
+        &chart::rates_chart(results),
+    )?;
+    write(&out.join("benchmarks.md"), &markdown(results))?;
+    println!(
+        "bench: wrote {}/benchmarks.{{json,md,svg}} and benchmarks-rates.svg",
+        out.display()
+    );
+    Ok(())
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+// ---------------------------------------------------------------------------
+// Machine description
+// ---------------------------------------------------------------------------
+
+fn machine() -> Value {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let cpuinfo = read("/proc/cpuinfo");
+    let cpu = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_owned())
+        .unwrap_or_else(|| "unknown".into());
+    let cores = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count();
+    let mem_kib: u64 = read("/proc/meminfo")
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    json!({
+        "loadavg_at_start": read("/proc/loadavg").split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+        "kernel": read("/proc/sys/kernel/osrelease").trim(),
+        "cpu": cpu,
+        "cores": cores,
+        "memory_mib": mem_kib / 1024,
+    })
+}
+
+fn git_describe() -> String {
+    cmd::output(
+        cmd::command("git", ["describe", "--always", "--dirty"])
+            .current_dir(lb_testkit::workspace_root()),
+    )
+    .map(|s| s.trim().to_owned())
+    .unwrap_or_else(|_| "unknown".into())
+}
+
+/// `2026-11-21T20:12:12Z` (whole seconds).
+pub fn rfc3339(t: SystemTime) -> String {
+    jiff::Timestamp::try_from(t)
+        .map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
+        .unwrap_or_default()
+}
+
+/// Parses the agent's log timestamps: RFC 3339 in UTC with a fraction,
+/// `2026-11-21T20:12:12.267520Z`.
+pub fn parse_rfc3339(s: &str) -> Option<SystemTime> {
+    s.parse::<jiff::Timestamp>().ok().map(SystemTime::from)
+}
+
+// ---------------------------------------------------------------------------
+// Sync latency
+// ---------------------------------------------------------------------------
+
+/// Endpoints per service of the sync-latency run.
+const SYNC_ENDPOINTS: usize = 10;
+/// How long one change may take to show up in the agent's log.
+const CHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the first full sync may take.
+const FIRST_SYNC_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn sync_pod(k: usize) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 16, 0)) + k as u32)
+}
+
+fn sync_service(i: usize) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": format!("svc-{i:05}"), "namespace": "bench"},
+        "spec": {"type": "NodePort", "clusterIP": "10.96.0.1",
+                 "ports": [{"name": "http", "protocol": "TCP", "port": 80,
+                            "nodePort": 30_000 + i, "targetPort": 8080}]},
+    })
+}
+
+fn sync_slice(i: usize, ready: &[bool]) -> Value {
+    let endpoints: Vec<Value> = ready
+        .iter()
+        .enumerate()
+        .map(|(j, &r)| {
+            json!({"addresses": [sync_pod(i * SYNC_ENDPOINTS + j).to_string()],
+                   "conditions": {"ready": r, "serving": r, "terminating": false},
+                   "nodeName": lab::manifest::NODE_NAME})
+        })
+        .collect();
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("svc-{i:05}-x"), "namespace": "bench",
+                     "labels": {"kubernetes.io/service-name": format!("svc-{i:05}")}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "protocol": "TCP", "port": 8080}],
+        "endpoints": endpoints,
+    })
+}
+
+/// Follows the agent's log file line by line.
+struct LogTail {
+    file: File,
+    partial: String,
+    /// Complete lines read but not looked at yet.
+    pending: std::collections::VecDeque<String>,
+}
+
+/// One `synced` line: when the agent logged it and how many map operations
+/// it wrote.
+#[derive(Debug, Clone, Copy)]
+struct Synced {
+    at: SystemTime,
+    ops: u64,
+}
+
+impl LogTail {
+    fn open(path: &Path) -> Result<Self> {
+        Ok(Self {
+            file: File::open(path).with_context(|| format!("open {}", path.display()))?,
+            partial: String::new(),
+            pending: Default::default(),
+        })
+    }
+
+    /// The next complete line, if one has been written.
+    fn next_line(&mut self) -> Result<Option<String>> {
+        if self.pending.is_empty() {
+            let mut buf = String::new();
+            self.file.read_to_string(&mut buf)?;
+            self.partial.push_str(&buf);
+            if let Some(end) = self.partial.rfind('\n') {
+                let rest = self.partial.split_off(end + 1);
+                let done = std::mem::replace(&mut self.partial, rest);
+                self.pending.extend(done.lines().map(str::to_owned));
+            }
+        }
+        Ok(self.pending.pop_front())
+    }
+
+    /// Waits for the next `synced` line that satisfies `want`, skipping
+    /// others (counted in `skipped`).
+    fn next_synced(
+        &mut self,
+        timeout: Duration,
+        skipped: &mut usize,
+        want: impl Fn(&Synced) -> bool,
+    ) -> Result<Synced> {
+        let start = Instant::now();
+        loop {
+            while let Some(line) = self.next_line()? {
+                if let Some(s) = parse_synced(&line)? {
+                    if want(&s) {
+                        return Ok(s);
+                    }
+                    *skipped += 1;
+                }
+            }
+            if start.elapsed() > timeout {
+                bail!("no `synced` line in the agent's log within {timeout:?}");
+            }
+            if lab::interrupted() {
+                bail!("interrupted");
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        }
+    }
+}
+
+/// `2026-11-21T20:12:12.267520Z  INFO lb_userspace::agent: synced services=… ops=N`.
+fn parse_synced(line: &str) -> Result<Option<Synced>> {
+    if !line.contains(": synced ") {
+        return Ok(None);
+    }
+    let at = line
+        .split_whitespace()
+        .next()
+        .and_then(parse_rfc3339)
+        .with_context(|| format!("no RFC 3339 timestamp at the start of {line:?}"))?;
+    let ops = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("ops="))
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no ops=N in {line:?}"))?;
+    Ok(Some(Synced { at, ops }))
+}
+
+/// The median of `v` (unsorted).
+fn median_of(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    percentile(&v, 50.0)
+}
+
+/// The `p`-th percentile (nearest rank) of sorted `v`.
+fn percentile(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
+}
+
+/// The agent in the lab, watching the double; `effort.changes` EndpointSlice
+/// changes one at a time.
+pub fn sync_latency(agent_bin: &Path, effort: SyncEffort) -> Result<Value> {
+    let mut lab = Lab::new(0)?;
+    lab.set_agent_bin(agent_bin.to_owned());
+    // Declared after the lab: dropped (stopped) before its namespace goes.
+    let api = lab
+        .node()
+        .run(|| {
+            ApiServer::start_with(
+                Store::new(),
+                "127.0.0.1:0".parse().expect("address"),
+                // The real API server sends a bookmark about once a minute.
+                Options {
+                    bookmark_interval: Duration::from_secs(60),
+                },
+            )
+        })?
+        .context("start the API-server double in the node namespace")?;
+    let store = api.store().clone();
+    store
+        .apply_value(json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": lab::manifest::NODE_NAME},
+            "status": {"addresses": [{"type": "InternalIP", "address": lab::NODE_ADDR.to_string()}]},
+        }))
+        .context("store the Node")?;
+    let mut ready = vec![vec![true; SYNC_ENDPOINTS]; effort.services];
+    for (i, r) in ready.iter().enumerate() {
+        store
+            .apply_value(sync_service(i))
+            .context("store a Service")?;
+        store
+            .apply_value(sync_slice(i, r))
+            .context("store an EndpointSlice")?;
+    }
+    let kubeconfig = lab.dir().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig)?;
+
+    let started = Instant::now();
+    let extra = ["--metrics-addr".to_owned(), "off".to_owned()];
+    let log = lab
+        .spawn_agent_from(AgentSource::Kubeconfig(&kubeconfig), &extra)?
+        .log_path()
+        .to_owned();
+    let mut tail = LogTail::open(&log)?;
+    let mut skipped = 0usize;
+    tail.next_synced(FIRST_SYNC_TIMEOUT, &mut skipped, |_| true)
+        .context("the agent's first full sync")?;
+    let first_sync_s = started.elapsed().as_secs_f64();
+    println!(
+        "sync: agent synced {} services in {first_sync_s:.2} s (from spawn); applying {} changes",
+        effort.services, effort.changes
+    );
+
+    skipped = 0;
+    let mut latencies = Vec::with_capacity(effort.changes);
+    let mut ops = Vec::with_capacity(effort.changes);
+    let mut apply_us = Vec::with_capacity(effort.changes);
+    let mut synced_before_apply_returned = 0usize;
+    for k in 0..effort.changes {
+        let i = k % effort.services;
+        let e = (k / effort.services) % SYNC_ENDPOINTS;
+        ready[i][e] = !ready[i][e];
+        let slice = sync_slice(i, &ready[i]);
+        // t0 is taken just BEFORE the store applies the change: taken after
+        // `apply` returns, a preempted bench thread (2 shared cores) saw
+        // syncs that the agent had logged before it read the clock.
+        let before = SystemTime::now();
+        store
+            .apply_value(slice)
+            .context("change an EndpointSlice")?;
+        let after = SystemTime::now();
+        apply_us.push(
+            after
+                .duration_since(before)
+                .unwrap_or_default()
+                .as_secs_f64()
+                * 1e6,
+        );
+        let s = tail
+            .next_synced(CHANGE_TIMEOUT, &mut skipped, |s| s.ops > 0)
+            .with_context(|| format!("change #{k} (slice svc-{i:05}-x, endpoint {e})"))?;
+        if s.at < after {
+            synced_before_apply_returned += 1;
+        }
+        // A sync logged before the change started cannot be this change's.
+        let dt = match s.at.duration_since(before) {
+            Ok(d) => d.as_secs_f64() * 1e3,
+            Err(_) => bail!(
+                "change #{k}: a `synced` line older than the change (a sync the bench did \
+                 not expect, or clocks that disagree)"
+            ),
+        };
+        latencies.push(dt);
+        ops.push(s.ops);
+    }
+    let agent_log = lab.stop_agent()?;
+    drop(api);
+    drop(lab);
+    let errors = agent_log
+        .lines()
+        .filter(|l| l.contains(" ERROR ") || l.contains("sync failed"))
+        .count();
+
+    let mut sorted = latencies.clone();
+    sorted.sort_by(f64::total_cmp);
+    let mean = sorted.iter().sum::<f64>() / sorted.len().max(1) as f64;
+    let r3 = |x: f64| (x * 1000.0).round() / 1000.0;
+    println!(
+        "sync: {} changes: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        sorted.len(),
+        percentile(&sorted, 50.0),
+        percentile(&sorted, 99.0),
+        sorted.last().copied().unwrap_or(f64::NAN)
+    );
+    Ok(json!({
+        "services_in_store": effort.services,
+        "endpoints_per_service": SYNC_ENDPOINTS,
+        "changes": latencies.len(),
+        "p50_ms": r3(percentile(&sorted, 50.0)),
+        "p90_ms": r3(percentile(&sorted, 90.0)),
+        "p99_ms": r3(percentile(&sorted, 99.0)),
+        "max_ms": r3(sorted.last().copied().unwrap_or(f64::NAN)),
+        "min_ms": r3(sorted.first().copied().unwrap_or(f64::NAN)),
+        "mean_ms": r3(mean),
+        "ops_per_sync_mean": round2(ops.iter().sum::<u64>() as f64 / ops.len().max(1) as f64),
+        "syncs_without_ops_skipped": skipped,
+        "store_apply_us_p50": round2(median_of(&apply_us)),
+        "synced_before_apply_returned": synced_before_apply_returned,
+        "agent_errors_logged": errors,
+        "first_full_sync_seconds_from_spawn": round2(first_sync_s),
+        "agent": "release lb-agent, --kubeconfig (kube-rs watcher on the API-server double, inside the node namespace), --metrics-addr off, default Maglev size 16381",
+        "method": "Each change flips the readiness of one endpoint of one EndpointSlice (round robin over the services), applied to the double's store; t0 = SystemTime right BEFORE Store::apply (read after apply returns, a preempted bench thread could read the clock after the agent had already synced: synced_before_apply_returned counts how often the agent's line is older than the end of apply; store_apply_us_p50 is the store's own work that t0 includes); t1 = the timestamp (RFC 3339, µs, UTC, same clock) of the agent's next `synced` log line with ops > 0, which the agent writes after the map writes of that sync; the next change waits for that line. Includes the watch stream, the reflector, a full translate + plan of every service in the store, and the map writes. Bookmarks every 60 s (as the real API server); syncs with 0 ops are skipped and counted.",
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::UNIX_EPOCH;
+
+    use super::*;
+
+    #[test]
+    fn timestamps_round_trip() {
+        let t = parse_rfc3339("2026-11-21T20:12:12.267520Z").unwrap();
+        let d = t.duration_since(UNIX_EPOCH).unwrap();
+        assert_eq!(d.subsec_micros(), 267_520);
+        assert_eq!(rfc3339(t), "2026-11-21T20:12:12Z");
+        assert_eq!(
+            parse_rfc3339("1970-01-01T00:00:00Z"),
+            Some(UNIX_EPOCH),
+            "epoch"
+        );
+        assert_eq!(
+            parse_rfc3339("2000-03-01T00:00:01.5Z")
+                .unwrap()
+                .duration_since(UNIX_EPOCH)
+                .unwrap(),
+            Duration::new(951_868_801, 500_000_000)
+        );
+        assert!(parse_rfc3339("2026-13-01T00:00:00Z").is_none());
+        assert!(parse_rfc3339("not a time").is_none());
+    }
+
+    #[test]
+    fn synced_lines_parse() {
+        let line = "2026-11-21T20:12:12.267520Z  INFO lb_userspace::agent: synced services=3 frontends=4 backends=30 ops=7";
+        let s = parse_synced(line).unwrap().unwrap();
+        assert_eq!(s.ops, 7);
+        assert!(
+            parse_synced("2026-11-21T20:12:12.267520Z  INFO x: first full sync done: ready")
+                .unwrap()
+                .is_none()
+        );
+        assert!(parse_synced("garbage: synced ops=1").is_err());
+    }
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 50.0), 50.0);
+        assert_eq!(percentile(&v, 99.0), 99.0);
+        assert_eq!(percentile(&v, 100.0), 100.0);
+        assert_eq!(percentile(&[3.0], 99.0), 3.0);
+    }
+}
