@@ -121,6 +121,15 @@ pub const CT_F_SNAT: u8 = 1;
 /// reply's destination.
 pub const CT_F_PORT_REMAP: u8 = 2;
 
+/// TCP flag bits as on the wire (byte 13 of the TCP header): FIN.
+pub const TCP_FIN: u8 = 0x01;
+/// TCP flag on the wire: SYN.
+pub const TCP_SYN: u8 = 0x02;
+/// TCP flag on the wire: RST.
+pub const TCP_RST: u8 = 0x04;
+/// TCP flag on the wire: ACK.
+pub const TCP_ACK: u8 = 0x10;
+
 /// [`crate::maps::CtValueV4::tcp_flags`]: a SYN was seen from the client.
 pub const CT_TCP_SYN: u8 = 1;
 /// [`crate::maps::CtValueV4::tcp_flags`]: the client sent FIN.

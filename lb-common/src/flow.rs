@@ -12,7 +12,7 @@
 use crate::{
     BackendV4, CT_DIR_FORWARD, CT_DIR_REPLY, CT_DIR_SNAT, CT_F_PORT_REMAP, CT_F_SNAT, CT_TCP_ACK,
     CT_TCP_FIN_FWD, CT_TCP_FIN_REPLY, CT_TCP_RST, CT_TCP_SYN, CtKeyV4, CtValueV4, IPPROTO_TCP,
-    NatValueV4,
+    NatValueV4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
 };
 
 /// The key of a packet or flow in direction `dir`: `src → dst`.
@@ -27,6 +27,27 @@ pub fn key(src: ([u8; 4], u16), dst: ([u8; 4], u16), proto: u8, dir: u8) -> CtKe
         dir,
         _pad: [0; 2],
     }
+}
+
+/// The `CT_TCP_*` bits of a client's segment with wire flags `wire`
+/// (`TCP_*`): SYN, FIN and RST as they are; an ACK without SYN or RST
+/// completes the client's side of the handshake.
+#[inline(always)]
+pub const fn ct_flags_of_segment(wire: u8) -> u8 {
+    let mut f = 0;
+    if wire & TCP_FIN != 0 {
+        f |= CT_TCP_FIN_FWD;
+    }
+    if wire & TCP_SYN != 0 {
+        f |= CT_TCP_SYN;
+    }
+    if wire & TCP_RST != 0 {
+        f |= CT_TCP_RST;
+    }
+    if wire & (TCP_ACK | TCP_SYN | TCP_RST) == TCP_ACK {
+        f |= CT_TCP_ACK;
+    }
+    f
 }
 
 /// The source the packets of forward entry `v` leave with, when it is
@@ -49,10 +70,10 @@ pub fn local_reply_key(backend: ([u8; 4], u16), client: ([u8; 4], u16), proto: u
 #[inline(always)]
 pub fn partner_key(k: &CtKeyV4, v: &CtValueV4) -> CtKeyV4 {
     let backend = (v.nat_addr, v.nat_port_be);
-    if v.flags & CT_F_SNAT != 0 {
+    if v.forwarded() {
         return key(backend, (v.snat_addr, v.snat_port_be), k.proto, CT_DIR_SNAT);
     }
-    let client_port = if v.flags & CT_F_PORT_REMAP != 0 {
+    let client_port = if v.port_remapped() {
         v.snat_port_be
     } else {
         k.src_port_be
@@ -81,7 +102,7 @@ pub fn reply_value(k: &CtKeyV4, v: &CtValueV4) -> CtValueV4 {
 /// reply's destination, or the original endpoint when the port was remapped.
 #[inline(always)]
 pub fn client_of_reply(k: &CtKeyV4, v: &CtValueV4) -> ([u8; 4], u16) {
-    if v.flags & CT_F_PORT_REMAP != 0 {
+    if v.port_remapped() {
         (v.snat_addr, v.snat_port_be)
     } else {
         (k.dst_addr, k.dst_port_be)
@@ -170,6 +191,22 @@ mod tests {
     const CLIENT: ([u8; 4], u16) = ([198, 18, 0, 2], 40_000u16.to_be());
     const FRONTEND: ([u8; 4], u16) = ([198, 18, 0, 1], 30_090u16.to_be());
     const POD: ([u8; 4], u16) = ([198, 18, 1, 11], 8_080u16.to_be());
+
+    #[test]
+    fn a_segment_completes_the_handshake_only_with_a_bare_ack() {
+        let of = ct_flags_of_segment;
+        assert_eq!(of(TCP_SYN), CT_TCP_SYN);
+        assert_eq!(
+            of(TCP_SYN | TCP_ACK),
+            CT_TCP_SYN,
+            "a SYN-ACK is not the client's ACK"
+        );
+        assert_eq!(of(TCP_ACK), CT_TCP_ACK);
+        assert_eq!(of(TCP_ACK | 0x08), CT_TCP_ACK, "PSH changes nothing");
+        assert_eq!(of(TCP_FIN | TCP_ACK), CT_TCP_FIN_FWD | CT_TCP_ACK);
+        assert_eq!(of(TCP_RST | TCP_ACK), CT_TCP_RST);
+        assert_eq!(of(0), 0);
+    }
 
     fn fwd(flags: u8, snat: ([u8; 4], u16)) -> (CtKeyV4, CtValueV4) {
         (

@@ -11,7 +11,10 @@
 
 use core::mem::size_of;
 
-use crate::consts::{BACKEND_LIST_CAPACITY, MAGLEV_CAPACITY, SERVICE_NAME_LEN};
+use crate::consts::{
+    BACKEND_ACTIVE, BACKEND_F_LOCAL, BACKEND_LIST_CAPACITY, CT_F_PORT_REMAP, CT_F_SNAT,
+    MAGLEV_CAPACITY, SERVICE_NAME_LEN,
+};
 
 /// Key of `LB_FRONTENDS_V4`: a destination the datapath balances.
 ///
@@ -102,6 +105,23 @@ pub struct BackendV4 {
     pub _pad: u32,
 }
 
+impl BackendV4 {
+    /// Whether a new flow of service `service_id` may go here: the backend
+    /// is active and still that service's (an id reused by another service
+    /// never takes the old service's flows).
+    #[inline(always)]
+    pub const fn serves(&self, service_id: u32) -> bool {
+        self.state == BACKEND_ACTIVE && self.service_id == service_id
+    }
+
+    /// Whether the backend runs on this node (`BACKEND_F_LOCAL`): DNAT
+    /// only; others are reached with SNAT and forwarding.
+    #[inline(always)]
+    pub const fn local(&self) -> bool {
+        self.flags & BACKEND_F_LOCAL != 0
+    }
+}
+
 /// Key of `LB_CT_V4` (LRU hash): one entry per flow and direction.
 ///
 /// Forward (`CT_DIR_FORWARD`): the packet as XDP sees it, client →
@@ -170,6 +190,23 @@ pub struct CtValueV4 {
     pub choice: u32,
     /// Always 0.
     pub _pad2: u32,
+}
+
+impl CtValueV4 {
+    /// Forward entry of a flow to a backend on another node (`CT_F_SNAT`):
+    /// DNAT and SNAT, sent on by XDP; its partner is a NAT mapping.
+    #[inline(always)]
+    pub const fn forwarded(&self) -> bool {
+        self.flags & CT_F_SNAT != 0
+    }
+
+    /// Entry of a flow whose client port was remapped (`CT_F_PORT_REMAP`)
+    /// because its reply key was taken by another flow of the same client
+    /// endpoint.
+    #[inline(always)]
+    pub const fn port_remapped(&self) -> bool {
+        self.flags & CT_F_PORT_REMAP != 0
+    }
 }
 
 /// Value of `LB_OPEN_FLOWS_V4` (hash, not LRU, not preallocated; key: the

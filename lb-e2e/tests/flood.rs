@@ -25,7 +25,6 @@
 use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
-    path::Path,
     process::{Child, Stdio},
     sync::{
         Arc,
@@ -35,7 +34,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{HashMap, Map, MapData};
+use aya::maps::{HashMap, MapData};
 use lb_common::{CtKeyV4, CtValueV4, NatValueV4, OpenFlowV4};
 use lb_testkit::lab::{
     client::{self, EchoConn},
@@ -120,26 +119,22 @@ const DETAILS: &[&str] = &[
     "snat_reclaimed",
 ];
 
-/// Entries of a pinned hash map (LRU or not), counted by walking its keys.
-fn entries<V: aya::Pod>(pin: &Path, lru: bool) -> usize {
-    let data = MapData::from_pin(pin).unwrap_or_else(|e| panic!("open {}: {e}", pin.display()));
-    let map = if lru {
-        Map::LruHashMap(data)
-    } else {
-        Map::HashMap(data)
-    };
+/// Entries of the hash map (LRU or not) pinned as `name` on node-a,
+/// counted by walking its keys.
+fn entries<V: aya::Pod>(lab: &ClusterLab, name: &str) -> usize {
+    let dir = lab.pin(NodeId::A, name);
+    let dir = dir.parent().expect("a pin has a directory");
     let map: HashMap<MapData, CtKeyV4, V> =
-        HashMap::try_from(map).unwrap_or_else(|e| panic!("{}: {e}", pin.display()));
+        lb_userspace::pinned::hash(dir, name).unwrap_or_else(|e| panic!("{e}"));
     map.keys().filter(Result::is_ok).count()
 }
 
 /// Node-a's flow tables: (conntrack, NAT, open-flow registry) entries.
 fn tables(lab: &ClusterLab) -> (usize, usize, usize) {
-    let a = NodeId::A;
     (
-        entries::<CtValueV4>(&lab.pin(a, pins::CONNTRACK_V4), true),
-        entries::<NatValueV4>(&lab.pin(a, pins::NAT_V4), false),
-        entries::<OpenFlowV4>(&lab.pin(a, pins::OPEN_FLOWS_V4), false),
+        entries::<CtValueV4>(lab, pins::CONNTRACK_V4),
+        entries::<NatValueV4>(lab, pins::NAT_V4),
+        entries::<OpenFlowV4>(lab, pins::OPEN_FLOWS_V4),
     )
 }
 

@@ -20,12 +20,14 @@ use std::{
 use lb_testkit::lab::{
     self, Lab,
     agent::{self, SYNCED},
-    client, manifest, netns,
+    client,
+    manifest::{self, Condition, EchoOptions},
+    netns,
 };
 
 /// The port the session servers listen on in each pod.
 const SESSION_PORT: u16 = 9090;
-/// The issue's bound on a least-connection session's queueing delay.
+/// The bound on a least-connection session's queueing delay.
 const MAX_DELAY: Duration = Duration::from_millis(200);
 
 fn lab_or_skip(test: &str, pods: u8) -> Option<Lab> {
@@ -35,58 +37,21 @@ fn lab_or_skip(test: &str, pods: u8) -> Option<Lab> {
     Some(Lab::new(pods).unwrap_or_else(|e| panic!("{test}: building the lab: {e:#}")))
 }
 
-/// An endpoint's condition in the slice.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Cond {
-    Ready,
-    Terminating,
-}
-
-/// `demo/echo` (NodePort 30090, TCP) with the balancing annotation `policy`
-/// (none: the default), targeting `port` on pods `eps`.
-fn service(policy: Option<&str>, port: u16, eps: &[(u8, Cond)]) -> String {
-    let annotations = match policy {
-        Some(p) => format!("    annotations:\n      lb-agent.dev/balancing: {p}\n"),
-        None => String::new(),
-    };
-    let mut y = format!(
-        "apiVersion: v1
-kind: List
-items:
-- apiVersion: v1
-  kind: Service
-  metadata:
-    name: echo
-    namespace: demo
-{annotations}  spec:
-    type: NodePort
-    clusterIP: 10.96.0.90
-    ports:
-    - {{name: http, protocol: TCP, port: 80, targetPort: {port}, nodePort: {np}}}
-- apiVersion: discovery.k8s.io/v1
-  kind: EndpointSlice
-  metadata:
-    name: echo-x1
-    namespace: demo
-    labels: {{kubernetes.io/service-name: echo}}
-  addressType: IPv4
-  ports: [{{name: http, protocol: TCP, port: {port}}}]
-  endpoints:
-",
-        np = manifest::NODE_PORT
-    );
-    for &(i, c) in eps {
-        let cond = match c {
-            Cond::Ready => "{ready: true, serving: true, terminating: false}",
-            Cond::Terminating => "{ready: false, serving: true, terminating: true}",
-        };
-        y.push_str(&format!(
-            "  - {{addresses: [\"{}\"], conditions: {cond}, nodeName: {}}}\n",
-            lab::pod_addr(i),
-            manifest::NODE_NAME
-        ));
-    }
-    y
+/// `demo/echo` with the balancing annotation `policy` (none: the
+/// default), its TCP port targeting `port` on pods `eps`.
+fn service(policy: Option<&'static str>, port: u16, eps: &[(u8, Condition)]) -> String {
+    let eps: Vec<_> = eps
+        .iter()
+        .map(|&(i, c)| (lab::pod_addr(i), manifest::NODE_NAME, c))
+        .collect();
+    manifest::echo_service_conditions(
+        &eps,
+        &EchoOptions {
+            balancing: policy,
+            tcp_target_port: Some(port),
+            ..EchoOptions::default()
+        },
+    )
 }
 
 /// `lb-agent <args> --bpffs-root <lab's>` and its stdout.
@@ -280,7 +245,7 @@ fn round_robin_alternates_between_two_pods() {
     let Some(mut lab) = lab_or_skip("round_robin_alternates_between_two_pods", 2) else {
         return;
     };
-    let eps = [(1, Cond::Ready), (2, Cond::Ready)];
+    let eps = [(1, Condition::Ready), (2, Condition::Ready)];
     lab.write_manifest_text(&service(Some("round-robin"), manifest::POD_PORT, &eps))
         .unwrap();
     lab.start_agent().unwrap();
@@ -316,7 +281,7 @@ fn least_connection_keeps_long_sessions_off_busy_pods() {
         .iter()
         .map(|(i, p)| SessionServer::start(p.ns(), lab::pod_label(*i)))
         .collect();
-    let all: Vec<(u8, Cond)> = (1..=5).map(|i| (i, Cond::Ready)).collect();
+    let all: Vec<(u8, Condition)> = (1..=5).map(|i| (i, Condition::Ready)).collect();
     lab.write_manifest_text(&service(Some("least-connection"), SESSION_PORT, &all))
         .unwrap();
     lab.start_agent().unwrap();
@@ -368,7 +333,7 @@ fn least_connection_keeps_long_sessions_off_busy_pods() {
     let pods: BTreeSet<&str> = open.iter().map(|(_, s)| s.pod.as_str()).collect();
     assert_eq!(pods.len(), 5, "one session per pod: {pods:?}");
     let mut eps = all.clone();
-    eps[4].1 = Cond::Terminating;
+    eps[4].1 = Condition::Terminating;
     lab.write_manifest_text(&service(Some("least-connection"), SESSION_PORT, &eps))
         .unwrap();
     lab.agent().unwrap().reload(SYNCED).unwrap();

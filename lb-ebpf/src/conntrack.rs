@@ -82,7 +82,7 @@ pub fn lookup_forward(key: &CtKeyV4, service_id: u32, tcp_flags: u8, now: u64) -
             Lookup::Stale
         };
     }
-    if touch(ct, tcp_flags, now) && ct.flags & CT_F_SNAT == 0 {
+    if touch(ct, tcp_flags, now) && !ct.forwarded() {
         repair_reply(key, ct);
     }
     Lookup::Hit(*ct, *be)
@@ -246,6 +246,6 @@ fn reply_taken(rkey: &CtKeyV4, pkt: &PacketV4, backend: ([u8; 4], u16)) -> bool 
         return false;
     };
     (f.nat_addr, f.nat_port_be) == backend
-        && f.flags & CT_F_SNAT == 0
+        && !f.forwarded()
         && flow::partner_key(&other, &f) == *rkey
 }

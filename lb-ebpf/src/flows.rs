@@ -18,8 +18,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    CT_F_SNAT, CT_TCP_FIN_FWD, CT_TCP_FIN_REPLY, CtKeyV4, CtValueV4, FLOW_CLOSED, FLOW_OPEN,
-    OpenFlowV4, Stats, flow,
+    CT_TCP_FIN_FWD, CT_TCP_FIN_REPLY, CtKeyV4, CtValueV4, FLOW_CLOSED, FLOW_OPEN, OpenFlowV4,
+    Stats, flow,
 };
 
 use crate::{
@@ -123,7 +123,7 @@ pub fn close_counted(key: &CtKeyV4, st: &mut Stats) {
 #[inline(always)]
 pub fn client_fin(key: &CtKeyV4, ct: &CtValueV4, st: &mut Stats) {
     let partner = flow::partner_key(key, ct);
-    let reply_fin = if ct.flags & CT_F_SNAT != 0 {
+    let reply_fin = if ct.forwarded() {
         // SAFETY: read-only copy of one field.
         unsafe { LB_NAT_V4.get(&partner) }.map(|n| n.tcp_flags)
     } else {

@@ -18,9 +18,7 @@
 //! field sits at an even offset from the ICMP header, so word replacement
 //! holds). A zero quoted UDP checksum stays zero.
 
-use lb_common::{
-    CT_DIR_FORWARD, CT_DIR_REPLY, CT_DIR_SNAT, CT_F_PORT_REMAP, IPPROTO_UDP, Stats, csum, flow,
-};
+use lb_common::{CT_DIR_FORWARD, CT_DIR_REPLY, CT_DIR_SNAT, IPPROTO_UDP, Stats, csum, flow};
 
 use crate::{
     maps::{LB_CT_V4, LB_NAT_V4},
@@ -49,7 +47,7 @@ pub fn translate_tc(e: &IcmpErrorV4, st: &mut Stats) -> bool {
     let Some(r) = (unsafe { LB_CT_V4.get(&key) }).copied() else {
         return false;
     };
-    let client = if r.flags & CT_F_PORT_REMAP != 0 {
+    let client = if r.port_remapped() {
         Some(flow::client_of_reply(&key, &r))
     } else {
         None

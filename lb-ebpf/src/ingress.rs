@@ -9,9 +9,9 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    BACKEND_F_LOCAL, CT_F_SNAT, CT_TCP_FIN_FWD, CT_TCP_RST, CT_TCP_SYN, Counters, IPPROTO_TCP,
-    REASON_AFFINITY, REASON_REBALANCED, SVC_F_DROP_NO_BACKEND, SVC_F_SOURCE_RANGES, ServiceValue,
-    SrcRangeV4, Stats, flow, hash::flow_hash_v4,
+    CT_TCP_FIN_FWD, CT_TCP_RST, CT_TCP_SYN, Counters, IPPROTO_TCP, REASON_AFFINITY,
+    REASON_REBALANCED, SVC_F_DROP_NO_BACKEND, SVC_F_SOURCE_RANGES, ServiceValue, SrcRangeV4, Stats,
+    flow, hash::flow_hash_v4,
 };
 
 use crate::{
@@ -73,7 +73,7 @@ pub fn handle(ctx: &XdpContext) -> u32 {
     // remote backend, or a remapped client port); `remote`: forwarded from
     // here rather than passed to the kernel.
     let (id, be, src, remote, new_flow) = match lookup {
-        Lookup::Hit(ct, be) if ct.flags & CT_F_SNAT != 0 || be.flags & BACKEND_F_LOCAL != 0 => {
+        Lookup::Hit(ct, be) if ct.forwarded() || be.local() => {
             st.established += 1;
             // Open-flow counts: a RST ends the flow, a FIN ends it once the
             // pod's FIN was seen too, a SYN (re)opens it (idempotent).
@@ -84,7 +84,7 @@ pub fn handle(ctx: &XdpContext) -> u32 {
             } else if pkt.tcp_flags & CT_TCP_SYN != 0 {
                 flows::open(&fkey, ct.backend_id, svc.service_id, now, st);
             }
-            let remote = ct.flags & CT_F_SNAT != 0;
+            let remote = ct.forwarded();
             (
                 ct.backend_id,
                 be,
@@ -112,7 +112,7 @@ pub fn handle(ctx: &XdpContext) -> u32 {
                 st.affinity_hits += 1;
             }
             let be = choice.backend;
-            let snat = if be.flags & BACKEND_F_LOCAL != 0 {
+            let snat = if be.local() {
                 None
             } else {
                 let Some(cfg) = snat::config() else {

@@ -8,7 +8,7 @@
 
 use core::mem::size_of;
 
-use lb_common::{CT_TCP_ACK, CT_TCP_FIN_FWD, CT_TCP_RST, CT_TCP_SYN, IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::{IPPROTO_TCP, IPPROTO_UDP, flow};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
 /// Offset of the IPv4 header (right after Ethernet II).
@@ -152,21 +152,7 @@ pub fn parse_v4(b: Bounds) -> Result<PacketV4, Skip> {
             if doff < 5 {
                 return Err(Skip::Truncated);
             }
-            let mut f = 0;
-            if raw & 0x01 != 0 {
-                f |= CT_TCP_FIN_FWD;
-            }
-            if raw & 0x02 != 0 {
-                f |= CT_TCP_SYN;
-            }
-            if raw & 0x04 != 0 {
-                f |= CT_TCP_RST;
-            }
-            // ACK without SYN or RST: the client's side of a handshake is done.
-            if raw & 0x16 == 0x10 {
-                f |= CT_TCP_ACK;
-            }
-            (TCP_CHECK_OFF, f)
+            (TCP_CHECK_OFF, flow::ct_flags_of_segment(raw))
         }
         IPPROTO_UDP => {
             let _: *mut UdpHdr = b.ptr_at(L4_OFF).ok_or(Skip::Truncated)?;

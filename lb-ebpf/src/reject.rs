@@ -9,7 +9,7 @@ use aya_ebpf::{
     helpers::generated::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
-use lb_common::{IPPROTO_TCP, csum};
+use lb_common::{IPPROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, csum};
 use network_types::{ip::Ipv4Hdr, tcp::TcpHdr};
 
 use crate::parse::{Bounds, L3_OFF, L4_OFF, PacketV4};
@@ -70,15 +70,15 @@ pub fn tcp_rst(ctx: &XdpContext, pkt: &PacketV4) -> bool {
     let hdr_len = ((tcp[12] >> 4) as u32) * 4;
     let seg_len = (u16::from_be_bytes(ip.tot_len) as u32)
         .saturating_sub(Ipv4Hdr::LEN as u32 + hdr_len)
-        + (flags & 0x02 != 0) as u32 // SYN
-        + (flags & 0x01 != 0) as u32; // FIN
-    if flags & 0x04 != 0 {
+        + (flags & TCP_SYN != 0) as u32
+        + (flags & TCP_FIN != 0) as u32;
+    if flags & TCP_RST != 0 {
         return false; // never answer a RST
     }
-    let (new_seq, new_ack, new_flags) = if flags & 0x10 != 0 {
-        (ack, 0, 0x04u8) // RST, seq = their ACK
+    let (new_seq, new_ack, new_flags) = if flags & TCP_ACK != 0 {
+        (ack, 0, TCP_RST) // seq = their ACK
     } else {
-        (0, seq.wrapping_add(seg_len), 0x14u8) // RST|ACK
+        (0, seq.wrapping_add(seg_len), TCP_RST | TCP_ACK)
     };
 
     core::mem::swap(&mut eth.src_addr, &mut eth.dst_addr);

@@ -7,7 +7,7 @@ use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_UNSPEC},
     programs::TcContext,
 };
-use lb_common::{CT_DIR_REPLY, CT_F_PORT_REMAP, CT_TCP_FIN_REPLY, CT_TCP_RST, Stats, flow};
+use lb_common::{CT_DIR_REPLY, CT_TCP_FIN_REPLY, CT_TCP_RST, Stats, flow};
 
 use crate::{
     conntrack, flows, icmp,
@@ -48,7 +48,7 @@ pub fn handle(ctx: &TcContext) -> i32 {
     let flags = flow::reply_flags(pkt.tcp_flags);
     conntrack::touch(ct, flags, conntrack::now());
     let (addr, port) = (ct.nat_addr, ct.nat_port_be);
-    let client = (ct.flags & CT_F_PORT_REMAP != 0).then_some(ct.snat_port_be);
+    let client = ct.port_remapped().then_some(ct.snat_port_be);
     if flags & (CT_TCP_RST | CT_TCP_FIN_REPLY) != 0 {
         // The pod ends the flow: a RST at once, a FIN once the client's FIN
         // was seen too (the open-flow count goes down exactly once).

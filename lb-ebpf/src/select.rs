@@ -11,10 +11,10 @@
 
 use aya_ebpf::bindings::BPF_ANY;
 use lb_common::{
-    AffinityKeyV4, AffinityValue, BACKEND_ACTIVE, BACKEND_LIST_CAPACITY, BackendV4, LC_SCAN_MAX,
-    MAGLEV_CAPACITY, MaglevTable, POLICY_LEAST_CONN, POLICY_ROUND_ROBIN, REASON_AFFINITY,
-    REASON_LEAST_CONN, REASON_MAGLEV, REASON_ROUND_ROBIN, REASON_TERMINATING_FALLBACK,
-    SVC_F_TERMINATING_FALLBACK, ServiceValue,
+    AffinityKeyV4, AffinityValue, BACKEND_LIST_CAPACITY, BackendV4, LC_SCAN_MAX, MAGLEV_CAPACITY,
+    MaglevTable, POLICY_LEAST_CONN, POLICY_ROUND_ROBIN, REASON_AFFINITY, REASON_LEAST_CONN,
+    REASON_MAGLEV, REASON_ROUND_ROBIN, REASON_TERMINATING_FALLBACK, SVC_F_TERMINATING_FALLBACK,
+    ServiceValue,
     hash::{maglev_slot, rehash},
 };
 
@@ -91,7 +91,7 @@ fn by_policy(svc: &ServiceValue, hash: u32) -> Option<Choice> {
 #[inline(always)]
 fn active(svc: &ServiceValue, id: u32) -> Option<BackendV4> {
     let be = *LB_BACKENDS_V4.get(id)?;
-    (be.state == BACKEND_ACTIVE && be.service_id == svc.service_id).then_some(be)
+    be.serves(svc.service_id).then_some(be)
 }
 
 #[inline(always)]

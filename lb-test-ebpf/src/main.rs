@@ -7,6 +7,12 @@
 mod entry {
     use aya_ebpf::{macros::xdp, programs::XdpContext};
 
+    // The kernel reads the license from this section; nothing here calls a
+    // GPL-only helper, but the object is dual-licensed like lb-ebpf.
+    #[unsafe(link_section = "license")]
+    #[unsafe(no_mangle)]
+    static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
     /// Passes everything. Test topologies attach it to the peer of a veth
     /// that receives `XDP_TX` or `XDP_REDIRECT` frames (veth delivers them
     /// only to a peer with an XDP program); the benches measure the cost of
@@ -15,10 +21,6 @@ mod entry {
     pub fn xdp_pass(_ctx: XdpContext) -> u32 {
         aya_ebpf::bindings::xdp_action::XDP_PASS
     }
-
-    #[unsafe(link_section = "license")]
-    #[unsafe(no_mangle)]
-    static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
 
     #[panic_handler]
     fn panic(_info: &core::panic::PanicInfo) -> ! {

@@ -8,8 +8,10 @@
 
 pub mod apiserver;
 pub mod cmd;
+pub mod fixtures;
 pub mod guard;
 pub mod lab;
+pub mod topology;
 pub mod xdp_pass;
 
 use std::path::PathBuf;

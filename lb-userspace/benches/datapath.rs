@@ -44,20 +44,21 @@ use std::{
 
 use aya::{
     Ebpf, TestRun,
-    maps::{Array, HashMap, Map, MapData, PerCpuArray},
+    maps::{Array, HashMap},
     programs::{SchedClassifier, TestRunOptions, TestRunResult, Xdp},
 };
-use etherparse::PacketBuilder;
 use lb_common::{
     BackendList, CT_DIR_FORWARD, CtKeyV4, CtValueV4, FrontendKeyV4, IPPROTO_TCP, LC_SCAN_MAX,
     POLICY_LEAST_CONN, POLICY_MAGLEV, POLICY_ROUND_ROBIN, REASON_LEAST_CONN, REASON_MAGLEV,
-    REASON_ROUND_ROBIN, ServiceValue, Stats,
+    REASON_ROUND_ROBIN, ServiceValue, Stats, flow,
     hash::{flow_hash_v4, maglev_slot},
     pin,
 };
+use lb_testkit::fixtures::{self, CLIENT, Endpoint, Fixture, NODE, XDP_PASS, XDP_TX};
+use lb_testkit::topology::Site;
 use lb_userspace::{
-    loader::{Datapath, LoadOptions, TC_PROGRAM, XDP_PROGRAM, program},
-    maglev,
+    loader::{Datapath, LoadOptions, TC_PROGRAM, XDP_PROGRAM, pin_dir, program},
+    maglev, pinned,
     plan::{PlanConfig, plan},
     source::Objects,
     translate::{ANNOTATION_BALANCING, NodeContext, translate},
@@ -66,24 +67,12 @@ use lb_userspace::{
 use serde_json::{Value, json};
 use statrs::distribution::{ChiSquared, ContinuousCDF};
 
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
-const TC_ACT_OK: u32 = 0;
-
-/// The node's address (NodePort frontends).
-const NODE: [u8; 4] = [198, 18, 0, 1];
-/// The client of the established and non-service packets.
-const CLIENT: [u8; 4] = [198, 18, 0, 2];
-const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 1];
-const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 2];
 const NODE_NAME: &str = "node-a";
 /// Service `i` has nodePort `FIRST_NODE_PORT + i` (10,000 services need
 /// `--service-node-port-range=30000-39999` on a real cluster).
 const FIRST_NODE_PORT: u16 = 30_000;
 /// Pod port of every endpoint.
 const POD_PORT: u16 = 8080;
-/// A port with no frontend (the non-service packet).
-const NO_SERVICE_PORT: u16 = 9;
 /// Endpoints per service.
 const ENDPOINTS: usize = 10;
 /// Maglev table size of the per-packet runs: a prime small enough that the
@@ -415,20 +404,6 @@ fn spread_pct(rows: &[Value], axis: &str) -> Value {
     Value::Object(out)
 }
 
-/// Removes a bpffs directory (and every pin under it) on drop, also when a
-/// measurement fails half-way.
-struct PinRoot(PathBuf);
-
-impl Drop for PinRoot {
-    fn drop(&mut self) {
-        if self.0.exists()
-            && let Err(e) = std::fs::remove_dir_all(&self.0)
-        {
-            eprintln!("datapath bench: cleanup {}: {e}", self.0.display());
-        }
-    }
-}
-
 fn pod(k: usize) -> Ipv4Addr {
     // 198.18.1.0 + k: up to 100,000 pods fit below 198.19.255.255.
     Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 1, 0)) + k as u32)
@@ -500,14 +475,9 @@ fn objects(
     Ok(objs)
 }
 
-fn tcp(src: ([u8; 4], u16), dst: ([u8; 4], u16), syn: bool) -> Vec<u8> {
-    let b = PacketBuilder::ethernet2(MAC_A, MAC_B)
-        .ipv4(src.0, dst.0, 64)
-        .tcp(src.1, dst.1, 1000, 64240);
-    let b = if syn { b.syn() } else { b.ack(1) };
-    let mut v = Vec::new();
-    b.write(&mut v, b"").expect("packet");
-    v
+/// A TCP packet without payload.
+fn tcp(src: Endpoint, dst: Endpoint, syn: bool) -> Vec<u8> {
+    fixtures::tcp(src, dst, syn, b"")
 }
 
 fn test_run<P>(prog: &mut P, pkt: &[u8], repeat: u32) -> Result<(TestRunResult, Vec<u8>), String>
@@ -545,13 +515,8 @@ fn round2(x: f64) -> f64 {
 }
 
 fn stats(root: &Path) -> Result<Stats, String> {
-    let data = MapData::from_pin(
-        root.join(format!("v{}", lb_common::MAP_VERSION))
-            .join(pin::STATS),
-    )
-    .map_err(|e| format!("open {}: {e}", pin::STATS))?;
-    let m: PerCpuArray<_, Stats> =
-        PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(|e| e.to_string())?;
+    let m =
+        pinned::per_cpu_array::<Stats>(&pin_dir(root), pin::STATS).map_err(|e| e.to_string())?;
     let per_cpu = m.get(&0, 0).map_err(|e| e.to_string())?;
     let mut s = Stats::default();
     for c in per_cpu.iter() {
@@ -582,8 +547,12 @@ struct Setup {
     dp: Datapath,
     /// The pass-only program (the test eBPF object): the call overhead.
     pass: Ebpf,
-    root: PinRoot,
+    /// The pins of this setup's datapath, removed on drop.
+    root: Site,
     frontend: ([u8; 4], u16),
+    /// The fixture rows of the measured flow ([`fixtures::flow`]), the same
+    /// packets the golden tests check.
+    rows: Vec<Fixture>,
     fill_s: f64,
     fill_ops: usize,
     non_service: Vec<f64>,
@@ -591,16 +560,6 @@ struct Setup {
     tc_reply: Vec<f64>,
     new_flow_raw: Vec<f64>,
     call_overhead: Vec<f64>,
-}
-
-/// The non-service packet.
-fn other_packet() -> Vec<u8> {
-    tcp((CLIENT, 40_000), (NODE, NO_SERVICE_PORT), true)
-}
-
-/// The established (ping-pong) packet to `frontend`.
-fn established_packet(frontend: ([u8; 4], u16)) -> Vec<u8> {
-    tcp((CLIENT, 41_000), frontend, false)
 }
 
 impl Setup {
@@ -614,19 +573,12 @@ impl Setup {
     /// [`Setup::new`] with the `n` services annotated with the balancing
     /// policy `policy` (`None`: no annotation).
     fn with_policy(n: usize, per: usize, policy: Option<&'static str>) -> Result<Self, String> {
-        // A serial number too: the services axis and the endpoints axis both
-        // have a 1 × 10 point, and each setup reads its counters back from
-        // its own pins.
-        static SERIAL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let serial = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let root = PinRoot(PathBuf::from(format!(
-            "/sys/fs/bpf/lb-bench-{}-{serial}-{n}-{per}{}",
-            std::process::id(),
-            policy.map(|p| format!("-{p}")).unwrap_or_default()
-        )));
-        let _ = std::fs::remove_dir_all(&root.0);
+        // Each setup its own pins (removed on drop, also when a measurement
+        // fails half-way): the services axis and the endpoints axis both
+        // have a 1 × 10 point, and each reads its counters back.
+        let root = Site::new("dp").map_err(|e| format!("{e:#}"))?;
         let mut dp = Datapath::load(&LoadOptions {
-            bpffs_root: root.0.clone(),
+            bpffs_root: root.pins().to_owned(),
             ct_capacity: CT_CAPACITY,
         })
         .map_err(|e| format!("load the datapath: {e}"))?;
@@ -673,6 +625,7 @@ impl Setup {
             pass,
             root,
             frontend: (NODE, FIRST_NODE_PORT + target as u16),
+            rows: Vec::new(),
             fill_s,
             fill_ops,
             non_service: Vec::new(),
@@ -683,7 +636,8 @@ impl Setup {
         };
         // Ping-pong warm-up: A and B each see their flow's first packet.
         let s0 = s.stats()?;
-        let est = established_packet(s.frontend);
+        let client = (CLIENT, fixtures::CLIENT_PORT);
+        let est = tcp(client, s.frontend, false);
         let (res, _) = test_run(s.xdp(XDP_PROGRAM)?, &est, 2)?;
         let s1 = s.stats()?;
         check(
@@ -696,28 +650,35 @@ impl Setup {
                 )
             },
         )?;
+        // One run (odd): A's rewrite, to the pod, is the flow's backend.
+        let (_, out) = test_run(s.xdp(XDP_PROGRAM)?, &est, 1)?;
+        let ip = etherparse::SlicedPacket::from_ethernet(&out).map_err(|e| e.to_string())?;
+        let backend = match (ip.net, ip.transport) {
+            (Some(etherparse::NetSlice::Ipv4(v4)), Some(etherparse::TransportSlice::Tcp(t))) => {
+                (v4.header().destination(), t.destination_port())
+            }
+            _ => return Err("DNAT'd packet does not parse".into()),
+        };
+        check(backend.1 == POD_PORT, || {
+            format!("established flow went to port {}", backend.1)
+        })?;
+        s.rows = fixtures::flow(client, s.frontend, backend);
         Ok(s)
     }
 
     fn stats(&self) -> Result<Stats, String> {
-        stats(&self.root.0)
+        stats(self.root.pins())
     }
 
-    fn pinned(&self, name: &str) -> Result<MapData, String> {
-        MapData::from_pin(
-            self.root
-                .0
-                .join(format!("v{}", lb_common::MAP_VERSION))
-                .join(name),
-        )
-        .map_err(|e| format!("open {name}: {e}"))
+    /// The map pinned as `name`, through the agent's typed openers.
+    fn pins(&self) -> PathBuf {
+        pin_dir(self.root.pins())
     }
 
     /// The measured service's entry (its TCP NodePort frontend).
     fn service(&self) -> Result<ServiceValue, String> {
         let m: HashMap<_, FrontendKeyV4, ServiceValue> =
-            HashMap::try_from(Map::HashMap(self.pinned(pin::FRONTENDS_V4)?))
-                .map_err(|e| e.to_string())?;
+            pinned::hash(&self.pins(), pin::FRONTENDS_V4).map_err(|e| e.to_string())?;
         let key = FrontendKeyV4 {
             addr: self.frontend.0,
             port_be: self.frontend.1.to_be(),
@@ -732,14 +693,12 @@ impl Setup {
     /// (`LB_SVC_BACKENDS`, round-robin and least-connection services).
     fn open_counts(&self, svc: &ServiceValue) -> Result<Vec<u64>, String> {
         let lists: HashMap<_, u32, BackendList> =
-            HashMap::try_from(Map::HashMap(self.pinned(pin::SERVICE_BACKENDS)?))
-                .map_err(|e| e.to_string())?;
+            pinned::hash(&self.pins(), pin::SERVICE_BACKENDS).map_err(|e| e.to_string())?;
         let list = lists
             .get(&svc.service_id, 0)
             .map_err(|e| format!("backend list of service {}: {e}", svc.service_id))?;
         let open: Array<_, u64> =
-            Array::try_from(Map::Array(self.pinned(pin::BACKEND_OPEN_FLOWS)?))
-                .map_err(|e| e.to_string())?;
+            pinned::array(&self.pins(), pin::BACKEND_OPEN_FLOWS).map_err(|e| e.to_string())?;
         list.ids[..list.count as usize]
             .iter()
             .map(|id| {
@@ -772,19 +731,15 @@ impl Setup {
             )
         })?;
         let ct: HashMap<_, CtKeyV4, CtValueV4> =
-            HashMap::try_from(Map::LruHashMap(self.pinned(pin::CONNTRACK_V4)?))
-                .map_err(|e| e.to_string())?;
+            pinned::hash(&self.pins(), pin::CONNTRACK_V4).map_err(|e| e.to_string())?;
         let (mut wrong, mut missing) = (Vec::new(), 0usize);
         for i in 0..packets {
-            let key = CtKeyV4 {
-                src_addr: src,
-                dst_addr: self.frontend.0,
-                src_port_be: (10_000 + i as u16).to_be(),
-                dst_port_be: self.frontend.1.to_be(),
-                proto: IPPROTO_TCP,
-                dir: CT_DIR_FORWARD,
-                _pad: [0; 2],
-            };
+            let key = flow::key(
+                (src, (10_000 + i as u16).to_be()),
+                (self.frontend.0, self.frontend.1.to_be()),
+                IPPROTO_TCP,
+                CT_DIR_FORWARD,
+            );
             match ct.get(&key, 0) {
                 Ok(v) if v.reason == want_reason && v.service_id == svc.service_id => {}
                 Ok(v) => wrong.push(v.reason),
@@ -822,8 +777,8 @@ impl Setup {
         })?;
         let scans = counts.len() <= LC_SCAN_MAX as usize;
         if want_policy == POLICY_ROUND_ROBIN {
-            let rr: Array<_, u64> = Array::try_from(Map::Array(self.pinned(pin::ROUND_ROBIN)?))
-                .map_err(|e| e.to_string())?;
+            let rr: Array<_, u64> =
+                pinned::array(&self.pins(), pin::ROUND_ROBIN).map_err(|e| e.to_string())?;
             let turn = rr
                 .get(&svc.service_id, 0)
                 .map_err(|e| format!("LB_RR: {e}"))?;
@@ -859,14 +814,14 @@ impl Setup {
 
     /// (a) One call on the non-service packet.
     fn call_non_service(&mut self, repeat: u32) -> Result<f64, String> {
-        let other = other_packet();
+        let row = fixtures::row(&self.rows, "non_service").clone();
         let s0 = self.stats()?;
-        let (res, out) = test_run(self.xdp(XDP_PROGRAM)?, &other, repeat)?;
+        let (res, out) = test_run(self.xdp(XDP_PROGRAM)?, &row.packet, repeat)?;
         let s1 = self.stats()?;
         check(
-            res.return_value == XDP_PASS
-                && out == other
-                && s1.pass_not_service - s0.pass_not_service == u64::from(repeat),
+            res.return_value == row.verdict
+                && out == row.output
+                && (row.counter)(&s1) - (row.counter)(&s0) == u64::from(repeat),
             || {
                 format!(
                     "non-service packet ({} services × {} endpoints): verdict {}, bytes {}, \
@@ -874,8 +829,12 @@ impl Setup {
                     self.n,
                     self.per,
                     res.return_value,
-                    if out == other { "unchanged" } else { "CHANGED" },
-                    s1.pass_not_service - s0.pass_not_service
+                    if out == row.output {
+                        "unchanged"
+                    } else {
+                        "CHANGED"
+                    },
+                    (row.counter)(&s1) - (row.counter)(&s0)
                 )
             },
         )?;
@@ -884,16 +843,17 @@ impl Setup {
 
     /// (b) One call on the established ping-pong packet.
     fn call_established(&mut self, repeat: u32) -> Result<f64, String> {
-        let est = established_packet(self.frontend);
+        let row = fixtures::row(&self.rows, "established").clone();
         let s0 = self.stats()?;
-        let (res, out) = test_run(self.xdp(XDP_PROGRAM)?, &est, repeat)?;
+        let (res, out) = test_run(self.xdp(XDP_PROGRAM)?, &row.packet, repeat)?;
         let s1 = self.stats()?;
-        check(res.return_value == XDP_PASS && out == est, || {
+        check(res.return_value == row.verdict && out == row.packet, || {
             "established ping-pong: after an even number of runs the packet must be the input again"
                 .into()
         })?;
         check(
-            s1.established - s0.established == u64::from(repeat) && s1.new_flows == s0.new_flows,
+            (row.counter)(&s1) - (row.counter)(&s0) == u64::from(repeat)
+                && s1.new_flows == s0.new_flows,
             || {
                 format!(
                     "established ping-pong: {} established and {} new flows for {repeat} runs",
@@ -908,37 +868,21 @@ impl Setup {
     /// (d) One call on the reply `P:8080 → client` of the established flow,
     /// through TC; the reverse-NAT entries of A and B ping-pong.
     fn call_tc_reply(&mut self, repeat: u32) -> Result<f64, String> {
-        let backend = {
-            let est = established_packet(self.frontend);
-            // Odd repeat: leaves A's rewrite (to the pod) in the output.
-            let (_, out) = test_run(self.xdp(XDP_PROGRAM)?, &est, 1)?;
-            let ip = etherparse::SlicedPacket::from_ethernet(&out).map_err(|e| e.to_string())?;
-            match (ip.net, ip.transport) {
-                (
-                    Some(etherparse::NetSlice::Ipv4(v4)),
-                    Some(etherparse::TransportSlice::Tcp(t)),
-                ) => (v4.header().destination(), t.destination_port()),
-                _ => return Err("DNAT'd packet does not parse".into()),
-            }
-        };
-        check(backend.1 == POD_PORT, || {
-            format!("established flow went to port {}", backend.1)
-        })?;
-        let reply = tcp(backend, (CLIENT, 41_000), false);
+        let row = fixtures::row(&self.rows, "tc_reply").clone();
         let s0 = self.stats()?;
         let prog: &mut SchedClassifier =
             program(&mut self.dp.ebpf, TC_PROGRAM).map_err(|e| e.to_string())?;
-        let (res, out) = test_run(prog, &reply, repeat)?;
+        let (res, out) = test_run(prog, &row.packet, repeat)?;
         let s1 = self.stats()?;
         check(
-            res.return_value == TC_ACT_OK
-                && out == reply
-                && s1.tc_reverse_nat - s0.tc_reverse_nat == u64::from(repeat),
+            res.return_value == row.verdict
+                && out == row.packet
+                && (row.counter)(&s1) - (row.counter)(&s0) == u64::from(repeat),
             || {
                 format!(
                     "TC reply ping-pong: verdict {}, packet not back or {} reverse NATs for {repeat} runs",
                     res.return_value,
-                    s1.tc_reverse_nat - s0.tc_reverse_nat
+                    (row.counter)(&s1) - (row.counter)(&s0)
                 )
             },
         )?;
@@ -1278,13 +1222,9 @@ fn snat_path(quick: bool) -> Result<Value, String> {
                 check(st.success(), || format!("ip {args}"))?;
             }
             let ifindex = nix::net::if_::if_nametoindex("v0").map_err(|e| e.to_string())?;
-            let root = PinRoot(PathBuf::from(format!(
-                "/sys/fs/bpf/lb-bench-snat-{}",
-                std::process::id()
-            )));
-            let _ = std::fs::remove_dir_all(&root.0);
+            let root = Site::new("dp").map_err(|e| format!("{e:#}"))?;
             let mut dp = Datapath::load(&LoadOptions {
-                bpffs_root: root.0.clone(),
+                bpffs_root: root.pins().to_owned(),
                 ct_capacity: CT_CAPACITY,
             })
             .map_err(|e| e.to_string())?;
@@ -1347,7 +1287,7 @@ fn snat_path(quick: bool) -> Result<Value, String> {
             let est_raw = xdp_calls(prog, &data, ifindex, XDP_TX)?;
             let reply = vec![tcp((pod, pod_port), (NODE, snat_port), false); packets as usize];
             let rev_raw = xdp_calls(prog, &reply, ifindex, XDP_TX)?;
-            let st = stats(&root.0)?;
+            let st = stats(root.pins())?;
             check(st.forwarded as u32 >= packets, || format!("forwarded {}", st.forwarded))?;
             check(st.reverse_snat as u32 >= packets, || {
                 format!("reverse_snat {}", st.reverse_snat)

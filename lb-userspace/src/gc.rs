@@ -28,8 +28,8 @@ use std::{
 
 use aya::maps::{Array, HashMap, MapData};
 use lb_common::{
-    BackendV4, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_SNAT, CtKeyV4, CtValueV4, IPPROTO_TCP,
-    NatValueV4, OpenFlowV4, flow, pin,
+    BackendV4, CT_DIR_FORWARD, CT_DIR_REPLY, CtKeyV4, CtValueV4, IPPROTO_TCP, NatValueV4,
+    OpenFlowV4, flow, pin,
 };
 use tracing::debug;
 
@@ -147,7 +147,7 @@ impl Tables {
         for (k, v) in ct.iter().filter(|(k, _)| k.dir == CT_DIR_FORWARD) {
             let partner = flow::partner_key(k, v);
             partners_seen.insert(partner);
-            let other = if v.flags & CT_F_SNAT != 0 {
+            let other = if v.forwarded() {
                 self.nat
                     .get(&partner, 0)
                     .ok()
@@ -173,7 +173,7 @@ impl Tables {
                 // Forward entry first: a late packet then makes a new flow
                 // instead of using a mapping that is about to go.
                 let _ = self.ct.remove(k);
-                if v.flags & CT_F_SNAT != 0 {
+                if v.forwarded() {
                     let _ = self.nat.remove(&partner);
                 } else {
                     let _ = self.ct.remove(&partner);

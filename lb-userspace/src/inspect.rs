@@ -13,11 +13,11 @@ use std::{collections::BTreeMap, net::Ipv4Addr, path::Path, time::Duration};
 
 use aya::maps::{Array, HashMap, PerCpuArray};
 use lb_common::{
-    BACKEND_FREE, BACKEND_TERMINATING, BackendV4, CT_F_SNAT, CT_TCP_ACK, CT_TCP_FIN_FWD,
-    CT_TCP_FIN_REPLY, CT_TCP_RST, CT_TCP_SYN, Counters, CtKeyV4, CtValueV4, FrontendKeyV4,
-    IPPROTO_TCP, NatValueV4, OpenFlowV4, REASON_AFFINITY, REASON_LEAST_CONN, REASON_MAGLEV,
-    REASON_REBALANCED, REASON_ROUND_ROBIN, REASON_TERMINATING_FALLBACK, SVC_F_TERMINATING_FALLBACK,
-    ServiceName, ServiceValue, flow, pin,
+    BACKEND_FREE, BACKEND_TERMINATING, BackendV4, CT_TCP_ACK, CT_TCP_FIN_FWD, CT_TCP_FIN_REPLY,
+    CT_TCP_RST, CT_TCP_SYN, Counters, CtKeyV4, CtValueV4, FrontendKeyV4, IPPROTO_TCP, NatValueV4,
+    OpenFlowV4, REASON_AFFINITY, REASON_LEAST_CONN, REASON_MAGLEV, REASON_REBALANCED,
+    REASON_ROUND_ROBIN, REASON_TERMINATING_FALLBACK, SVC_F_TERMINATING_FALLBACK, ServiceName,
+    ServiceValue, flow, pin,
 };
 use serde::Serialize;
 
@@ -166,7 +166,7 @@ impl Pinned {
                     // The pod's side: the reply entry of a local flow, the
                     // NAT mapping of a forwarded one.
                     let partner = flow::partner_key(&k, &v);
-                    let r = if v.flags & CT_F_SNAT != 0 {
+                    let r = if v.forwarded() {
                         nat.get(&partner, 0)
                             .ok()
                             .map(|n| (n.tcp_flags, n.last_seen_ns))

@@ -45,12 +45,15 @@ pub struct ServicePort {
     pub frontends: BTreeSet<Frontend>,
     /// The endpoints, local and remote; no two share (addr, port).
     pub backends: BTreeSet<Backend>,
-    /// `spec.sessionAffinity: ClientIP` (not enforced yet by the datapath).
+    /// `spec.sessionAffinity: ClientIP`: the datapath keeps a client on its
+    /// backend for the timeout (`LB_AFFINITY_V4`).
     pub affinity: SessionAffinity,
-    /// `spec.externalTrafficPolicy` (not enforced yet).
+    /// `spec.externalTrafficPolicy`: with `Local`, only this node's
+    /// endpoints are backends and the client's address is kept.
     pub traffic_policy: TrafficPolicy,
-    /// `spec.loadBalancerSourceRanges` (IPv4 ones; not enforced yet). Empty:
-    /// every source is allowed.
+    /// `spec.loadBalancerSourceRanges` (the IPv4 ones), checked by the
+    /// datapath on LoadBalancer addresses (`LB_SRC_RANGE_V4`). Empty: every
+    /// source is allowed.
     pub source_ranges: Vec<Ipv4Cidr>,
     /// How a backend is picked for a new flow.
     pub policy: BalancingPolicy,

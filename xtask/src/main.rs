@@ -18,7 +18,8 @@ enum Cmd {
     /// Install what is missing: system tools (apt), rust-src for the BPF
     /// nightly, the matching bpf-linker; mount bpffs.
     Setup,
-    /// Build lb-agent (and the eBPF object it embeds).
+    /// Build lb-agent (and the eBPF object it embeds) and the test-only eBPF
+    /// object the tests, benches and demo load.
     Build {
         /// Release profile.
         #[arg(long)]

@@ -5,7 +5,7 @@
 
 use std::{
     net::Ipv4Addr,
-    path::{Path, PathBuf},
+    path::Path,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -16,10 +16,13 @@ use serde_json::{Value, json};
 use super::{
     BenchService, NodeInfo, Protocol, iptables, nftables, run_tool, services, write_manifests,
 };
-use lb_testkit::lab::{
-    self, BPFFS, NODE_IFACE,
-    agent::{ATTACHED, Agent, AgentConfig, AgentSource},
-    netns::{self, Netns, PREFIX},
+use lb_testkit::{
+    lab::{
+        self, BPFFS, NODE_IFACE,
+        agent::{ATTACHED, Agent, AgentConfig, AgentSource},
+        netns,
+    },
+    topology::Site,
 };
 
 /// Services in a full run.
@@ -34,8 +37,6 @@ pub const ADD_RUNS: usize = 5;
 const FIRST_SYNC_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long the agent may take to sync after SIGHUP.
 const RELOAD_TIMEOUT: Duration = Duration::from_secs(120);
-
-static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
 
 /// Endpoint `j` of service `i`: `198.18.16.0 + 10·i + j` (198.18.16.0 -
 /// 198.19.150.159 for 10,000 × 10).
@@ -134,14 +135,6 @@ pub fn control_plane(agent_bin: &Path, quick: bool) -> Result<Value> {
     }))
 }
 
-fn unique_prefix() -> String {
-    format!(
-        "{PREFIX}{}-cp{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
-    )
-}
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -162,25 +155,13 @@ fn runs_ms(v: &[Duration]) -> Vec<f64> {
         .collect()
 }
 
-/// Removes a bpffs directory on drop.
-struct PinDir(PathBuf);
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        if self.0.exists()
-            && let Err(e) = std::fs::remove_dir_all(&self.0)
-        {
-            eprintln!("control plane: cleanup: remove {}: {e}", self.0.display());
-        }
-    }
-}
-
 /// Timestamps of the log lines containing `marker` (the agent's lines start
 /// with an RFC 3339 UTC time).
 fn marker_times(log: &str, marker: &str) -> Vec<SystemTime> {
     log.lines()
         .filter(|l| l.contains(marker))
-        .filter_map(|l| l.split_whitespace().next().and_then(crate::parse_rfc3339))
+        .filter_map(|l| l.split_whitespace().next()?.parse::<jiff::Timestamp>().ok())
+        .map(SystemTime::from)
         .collect()
 }
 
@@ -214,12 +195,8 @@ fn since(later: SystemTime, earlier: SystemTime) -> Duration {
 }
 
 fn measure_xdp(agent_bin: &Path, svcs: &[BenchService], node: &NodeInfo) -> Result<Value> {
-    let prefix = unique_prefix();
-    let dir = tempfile::Builder::new()
-        .prefix(&format!("{prefix}-"))
-        .tempdir()
-        .context("create temp dir")?;
-    let ns = Netns::create(format!("{prefix}-xdp"))?;
+    let site = Site::new("cp")?;
+    let ns = site.netns("xdp")?;
     ns.ip(&[
         "link", "add", NODE_IFACE, "type", "veth", "peer", "name", "c0",
     ])?;
@@ -232,12 +209,11 @@ fn measure_xdp(agent_bin: &Path, svcs: &[BenchService], node: &NodeInfo) -> Resu
     ])?;
     ns.ip(&["link", "set", NODE_IFACE, "up"])?;
     ns.ip(&["link", "set", "c0", "up"])?;
-    let pins = PinDir(Path::new(BPFFS).join(&prefix));
-    let manifest = dir.path().join("services.json");
+    let manifest = site.dir().join("services.json");
     let mut svcs = svcs.to_vec();
     write_manifests(&manifest, &svcs, node)?;
     let manifest_bytes = std::fs::metadata(&manifest)?.len();
-    let log = dir.path().join("agent.log");
+    let log = site.dir().join("agent.log");
     let extra = ["--metrics-addr".to_owned(), "off".to_owned()];
     let cfg = AgentConfig {
         bin: agent_bin,
@@ -245,7 +221,7 @@ fn measure_xdp(agent_bin: &Path, svcs: &[BenchService], node: &NodeInfo) -> Resu
         source: AgentSource::Manifests(&manifest),
         extra_args: &extra,
         node_name: &node.name,
-        bpffs_root: &pins.0,
+        bpffs_root: site.pins(),
         log: &log,
         wrapper: &[],
     };
@@ -296,7 +272,8 @@ fn measure_iptables(
     node: &NodeInfo,
 ) -> Result<Value> {
     let (tool, backend) = iptables::version(program)?;
-    let ns = Netns::create(format!("{}-ipt", unique_prefix()))?;
+    let site = Site::new("cp")?;
+    let ns = site.netns("ipt")?;
     let text = iptables::full_text(svcs, node);
     let initial = run_tool(&ns, program, &["--counters"], &text)?;
     let mut svcs = svcs.to_vec();
@@ -345,7 +322,8 @@ fn measure_nftables(svcs: &[BenchService], node: &NodeInfo) -> Result<Value> {
     )?
     .trim()
     .to_owned();
-    let ns = Netns::create(format!("{}-nft", unique_prefix()))?;
+    let site = Site::new("cp")?;
+    let ns = site.netns("nft")?;
     let text = nftables::full_text(svcs, node);
     let initial = run_tool(&ns, "nft", &["-f", "-"], &text)?;
     let mut svcs = svcs.to_vec();

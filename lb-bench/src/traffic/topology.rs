@@ -20,11 +20,8 @@
 //! addresses in `198.18.1.0`–`198.18.255.255` that lead nowhere.
 
 use std::{
-    io::Write as _,
     net::{Ipv4Addr, SocketAddrV4},
-    path::{Path, PathBuf},
-    process::{Command, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
+    path::Path,
     time::{Duration, Instant},
 };
 
@@ -35,12 +32,12 @@ use super::{
     server::{Served, Server},
 };
 use lb_testkit::{
-    cmd,
     lab::{
         self,
         agent::{Agent, AgentConfig, AgentSource},
-        netns::{self, Netns},
+        netns::Netns,
     },
+    topology::{Batch, Site, Wiring as _},
 };
 
 use crate::kubeproxy::{self, BenchService, Mode, NodeInfo};
@@ -61,8 +58,6 @@ pub const ADDRS_PER_POD: usize = 250;
 pub const MAX_ENDPOINTS: usize = POD_NAMESPACES * ADDRS_PER_POD;
 /// The port the servers listen on (kube-proxy module's target port).
 pub const POD_PORT: u16 = kubeproxy::TARGET_PORT;
-
-static COUNTER: AtomicU32 = AtomicU32::new(1);
 
 /// The systems compared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,89 +144,59 @@ pub struct Topology {
     pods: Vec<Netns>,
     client: Netns,
     node: Netns,
-    pins: PathBuf,
-    dir: tempfile::TempDir,
+    // Prefix `lbt-<pid>-t<n>`, pins (removed first, by `Drop::drop`) and
+    // temporary directory: dropped after the namespaces.
+    site: Site,
 }
 
 impl Topology {
     /// Builds the namespaces and starts a TCP server in each pod namespace,
     /// and, with `udp`, UDP echo sockets on those endpoint addresses.
     pub fn build(udp: &[Ipv4Addr]) -> Result<Self> {
-        let prefix = format!(
-            "{}{}-t{}",
-            netns::PREFIX,
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::SeqCst)
-        );
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("{prefix}-"))
-            .tempdir()
-            .context("create temp dir")?;
-        let node = Netns::create(format!("{prefix}-node"))?;
-        let client = Netns::create(format!("{prefix}-client"))?;
+        let site = Site::new("t")?;
+        let node = site.netns("node")?;
+        let client = site.netns("client")?;
         let mut topo = Self {
             agent: None,
             servers: Vec::new(),
             pods: Vec::new(),
             client,
             node,
-            pins: Path::new(lab::BPFFS).join(&prefix),
-            dir,
+            site,
         };
         for k in 0..POD_NAMESPACES {
-            topo.pods.push(Netns::create(format!("{prefix}-pod{k}"))?);
+            topo.pods.push(topo.site.netns(&format!("pod{k}"))?);
         }
         let (node, client) = (&topo.node, &topo.client);
         // One `ip -batch` per namespace: a few processes instead of dozens.
-        let mut node_cmds = vec![
-            format!(
-                "link add {NODE_IFACE} type veth peer name {CLIENT_IFACE} netns {}",
-                client.name()
-            ),
-            format!("addr add {NODE_ADDR}/30 dev {NODE_IFACE}"),
-            format!("link set {NODE_IFACE} up"),
-        ];
+        let batch = Batch::new(node);
+        batch.veth(NODE_IFACE, client, CLIENT_IFACE)?;
+        batch.addr_up(NODE_IFACE, NODE_ADDR, 30)?;
         for (k, pod) in topo.pods.iter().enumerate() {
             let (node_side, pod_side) = pod_link(k);
-            node_cmds.extend([
-                format!(
-                    "link add p{k} type veth peer name eth0 netns {}",
-                    pod.name()
-                ),
-                format!("addr add {node_side}/30 dev p{k}"),
-                format!("link set p{k} up"),
-                format!("route add 198.19.{k}.0/24 via {pod_side}"),
-            ]);
+            let port = format!("p{k}");
+            batch.veth(&port, pod, "eth0")?;
+            batch.addr_up(&port, node_side, 30)?;
+            batch.route(&format!("198.19.{k}.0/24"), pod_side)?;
         }
-        ip_batch(node, &node_cmds)?;
-        ip_batch(
-            client,
-            &[
-                format!("addr add {CLIENT_ADDR}/30 dev {CLIENT_IFACE}"),
-                format!("link set {CLIENT_IFACE} up"),
-                format!("route add default via {NODE_ADDR}"),
-            ],
-        )?;
+        batch.run()?;
+        let batch = Batch::new(client);
+        batch.addr_up(CLIENT_IFACE, CLIENT_ADDR, 30)?;
+        batch.route("default", NODE_ADDR)?;
+        batch.run()?;
         // XDP on the node must see full checksums (see the kernel notes);
         // off for every system alike.
-        cmd::quiet(
-            client
-                .command("ethtool")
-                .args(["-K", CLIENT_IFACE, "tx", "off"]),
-        )?;
-        write_sysctls(client, CLIENT_SYSCTLS)?;
-        write_sysctls(node, &[("net.ipv4.ip_forward", "1")])?;
+        client.tx_checksum_off(CLIENT_IFACE)?;
+        client.write_sysctls(CLIENT_SYSCTLS)?;
+        node.write_sysctls(&[("net.ipv4.ip_forward", "1")])?;
         for (k, pod) in topo.pods.iter().enumerate() {
             let (node_side, pod_side) = pod_link(k);
-            ip_batch(
-                pod,
-                &[
-                    format!("addr add {pod_side}/30 dev eth0"),
-                    "link set eth0 up".to_owned(),
-                    format!("route add default via {node_side}"),
-                    format!("route add local 198.19.{k}.0/24 dev lo"),
-                ],
-            )?;
+            let batch = Batch::new(pod);
+            batch.addr_up("eth0", pod_side, 30)?;
+            batch.route("default", node_side)?;
+            let owned = format!("198.19.{k}.0/24");
+            batch.ip(&["route", "add", "local", &owned, "dev", "lo"])?;
+            batch.run()?;
         }
         for (k, pod) in topo.pods.iter().enumerate() {
             topo.servers.push(Server::tcp(pod, POD_PORT)?);
@@ -260,9 +225,7 @@ impl Topology {
         match system {
             System::NoLb => {}
             System::NoLbXdpPass => {
-                std::fs::create_dir_all(&self.pins)
-                    .with_context(|| format!("create {}", self.pins.display()))?;
-                let pin = self.pins.join("xdp-pass-link");
+                let pin = self.site.create_pins()?.join("xdp-pass-link");
                 self.node
                     .run(move || lb_testkit::xdp_pass::attach_pinned(NODE_IFACE, &pin))?
                     .context("the pass-through XDP program on n0")?;
@@ -277,9 +240,9 @@ impl Topology {
                 if self.agent.is_some() {
                     bail!("the agent is already running");
                 }
-                let manifests = self.dir.path().join("services.json");
+                let manifests = self.site.dir().join("services.json");
                 kubeproxy::write_manifests(&manifests, svcs, &node_info())?;
-                let log = self.dir.path().join("lb-agent.log");
+                let log = self.site.dir().join("lb-agent.log");
                 let extra = ["--metrics-addr".to_owned(), "off".to_owned()];
                 let agent = Agent::start(
                     &self.node,
@@ -289,7 +252,7 @@ impl Topology {
                         source: AgentSource::Manifests(&manifests),
                         extra_args: &extra,
                         node_name: lab::manifest::NODE_NAME,
-                        bpffs_root: &self.pins,
+                        bpffs_root: self.site.pins(),
                         log: &log,
                         wrapper: &[],
                     },
@@ -341,63 +304,12 @@ impl Drop for Topology {
             eprintln!("traffic: stopping lb-agent: {e:#}");
         }
         self.servers.clear();
-        if self.pins.exists()
-            && let Err(e) = std::fs::remove_dir_all(&self.pins)
-        {
-            eprintln!("traffic: remove {}: {e}", self.pins.display());
+        if let Err(e) = self.site.remove_pins() {
+            eprintln!("traffic: {e:#}");
         }
         // The namespaces go next (field order): with the node namespace go
         // its rules and its conntrack entries.
     }
-}
-
-/// Runs `ip -n <ns> -batch -` with `commands`, one per line.
-fn ip_batch(ns: &Netns, commands: &[String]) -> Result<()> {
-    let mut child = Command::new(cmd::program("ip"))
-        .args(["-n", ns.name(), "-batch", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("spawn ip -batch")?;
-    let mut input = commands.join("\n");
-    input.push('\n');
-    child
-        .stdin
-        .take()
-        .context("stdin of ip -batch")?
-        .write_all(input.as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "`ip -n {} -batch -` failed ({}): {}\ninput:\n{input}",
-            ns.name(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
-/// Writes `net.*` sysctls of `ns` (`/proc/sys` follows the writer's
-/// namespace) from a thread inside it.
-fn write_sysctls(ns: &Netns, values: &[(&str, &str)]) -> Result<()> {
-    let values: Vec<(String, String)> = values
-        .iter()
-        .map(|(k, v)| {
-            (
-                format!("/proc/sys/{}", k.replace('.', "/")),
-                (*v).to_owned(),
-            )
-        })
-        .collect();
-    ns.run(move || -> Result<()> {
-        for (path, value) in &values {
-            std::fs::write(path, value).with_context(|| format!("write {value:?} to {path}"))?;
-        }
-        Ok(())
-    })?
-    .with_context(|| format!("sysctls of {}", ns.name()))
 }
 
 /// `addr:port` targets.

@@ -26,20 +26,19 @@ use std::{
     fmt,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
-    sync::atomic::Ordering,
 };
 
 use anyhow::{Context as _, Result, bail};
 
 use super::{
-    BPFFS, LAB_COUNTER, PinDir, Pod,
+    Pod,
     agent::{self, Agent, AgentConfig, AgentSource},
     client, manifest,
     netns::{self, Netns},
     pins,
     server::Server,
 };
-use crate::cmd;
+use crate::topology::{self, Site, Wiring as _};
 
 /// The client's address.
 pub const CLIENT_ADDR: Ipv4Addr = super::CLIENT_ADDR;
@@ -197,15 +196,13 @@ struct Node {
 #[derive(Debug)]
 pub struct ClusterLab {
     // Field order is drop order (after `Drop::drop`): nodes (agents, pods),
-    // client, wire, then the pins.
-    prefix: String,
+    // client, wire, then the site (pins, temporary directory).
     a: Node,
     b: Node,
     client: Netns,
     wire: Netns,
     pass_pins: Vec<PathBuf>,
-    pins: PinDir,
-    dir: Option<tempfile::TempDir>,
+    site: Site,
     manifest: PathBuf,
     agent_bin: PathBuf,
 }
@@ -223,57 +220,38 @@ impl ClusterLab {
     /// without the pass-through XDP programs unless `xdp_pass` (plain
     /// routing needs none).
     pub fn build(pods_a: u8, pods_b: u8, bin: Option<PathBuf>, xdp_pass: bool) -> Result<Self> {
-        if !crate::is_root() {
-            bail!("the cluster lab needs root (network namespaces, BPF)");
-        }
-        for tool in ["ip", "ethtool", "nsenter", "sysctl"] {
-            if cmd::find_program(tool).is_none() {
-                bail!("`{tool}` not found: run `cargo xtask setup`");
-            }
-        }
+        topology::preflight("the cluster lab")?;
         let agent_bin = match bin {
             Some(bin) => bin,
             None => agent::binary()?,
         };
         netns::remove_stale();
-        let prefix = format!(
-            "{}{}-{}",
-            netns::PREFIX,
-            std::process::id(),
-            LAB_COUNTER.fetch_add(1, Ordering::SeqCst)
-        );
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("{prefix}-"))
-            .tempdir()
-            .context("create temp dir")?;
-        let pins = PinDir(Path::new(BPFFS).join(&prefix));
-        std::fs::create_dir_all(&pins.0).with_context(|| format!("create {}", pins.0.display()))?;
+        let site = Site::new("")?;
+        site.create_pins()?;
 
         // Created in reverse drop order, each owned as soon as it exists, so
         // that an error half way removes what was made.
-        let wire = Netns::create(format!("{prefix}-wire"))?;
-        let client = Netns::create(format!("{prefix}-client"))?;
+        let wire = site.netns("wire")?;
+        let client = site.netns("client")?;
         let node = |id: NodeId| -> Result<Node> {
             Ok(Node {
                 agent: None,
                 agent_args: Vec::new(),
                 agent_runs: 0,
                 pods: BTreeMap::new(),
-                ns: Netns::create(format!("{prefix}-{}", id.letter()))?,
+                ns: site.netns(&id.letter().to_string())?,
             })
         };
         let a = node(NodeId::A)?;
         let b = node(NodeId::B)?;
         let mut lab = Self {
-            manifest: dir.path().join("services.yaml"),
-            dir: Some(dir),
-            prefix,
+            manifest: site.dir().join("services.yaml"),
+            site,
             a,
             b,
             client,
             wire,
             pass_pins: Vec::new(),
-            pins,
             agent_bin,
         };
         lab.wire_up()?;
@@ -292,88 +270,29 @@ impl ClusterLab {
     /// The wire bridge, the client and both nodes' links, addresses, routes.
     fn wire_up(&self) -> Result<()> {
         let wire = &self.wire;
-        wire.ip(&["link", "add", "lan", "type", "bridge"])?;
-        wire.ip(&["link", "set", "lan", "up"])?;
+        wire.bridge("lan", None, None)?;
 
-        wire.ip(&[
-            "link",
-            "add",
-            "wc",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "c0",
-            "netns",
-            self.client.name(),
-        ])?;
-        wire.ip(&["link", "set", "wc", "master", "lan"])?;
-        wire.ip(&["link", "set", "wc", "up"])?;
         let client = &self.client;
-        client.ip(&["addr", "add", &format!("{CLIENT_ADDR}/24"), "dev", "c0"])?;
-        client.ip(&["link", "set", "c0", "up"])?;
+        wire.veth("wc", client, "c0")?;
+        wire.enslave("wc", "lan")?;
+        client.addr_up("c0", CLIENT_ADDR, 24)?;
         // XDP on the nodes must see full checksums, not veth's partial ones.
-        cmd::quiet(client.command("ethtool").args(["-K", "c0", "tx", "off"]))?;
+        client.tx_checksum_off("c0")?;
         // The pod ranges, for plain routing checks (the NodePorts are on-link).
         for id in NodeId::ALL {
-            client.ip(&[
-                "route",
-                "add",
-                &id.pod_cidr(),
-                "via",
-                &id.addr().to_string(),
-            ])?;
+            client.route(&id.pod_cidr(), id.addr())?;
         }
 
         for id in NodeId::ALL {
             let ns = self.node(id);
             let port = id.wire_port();
-            wire.ip(&[
-                "link",
-                "add",
-                &port,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                NODE_IFACE,
-                "netns",
-                ns.name(),
-            ])?;
-            wire.ip(&["link", "set", &port, "master", "lan"])?;
-            wire.ip(&["link", "set", &port, "up"])?;
-            ns.ip(&[
-                "addr",
-                "add",
-                &format!("{}/24", id.addr()),
-                "dev",
-                NODE_IFACE,
-            ])?;
-            ns.ip(&["link", "set", NODE_IFACE, "up"])?;
-            ns.ip(&["link", "add", "br0", "type", "bridge"])?;
-            // Fixed, as in the single-node lab: pods come and go.
-            ns.ip(&[
-                "link",
-                "set",
-                "br0",
-                "address",
-                &format!("02:00:c6:12:{:02x}:01", id.pod_net()),
-            ])?;
-            ns.ip(&[
-                "addr",
-                "add",
-                &format!("{}/24", id.bridge_addr()),
-                "dev",
-                "br0",
-            ])?;
-            ns.ip(&["link", "set", "br0", "up"])?;
-            ns.ip(&[
-                "route",
-                "add",
-                &id.other().pod_cidr(),
-                "via",
-                &id.other().addr().to_string(),
-            ])?;
+            wire.veth(&port, ns, NODE_IFACE)?;
+            wire.enslave(&port, "lan")?;
+            ns.addr_up(NODE_IFACE, id.addr(), 24)?;
+            // A fixed MAC address, as in the single-node lab: pods come and go.
+            let mac = format!("02:00:c6:12:{:02x}:01", id.pod_net());
+            ns.bridge("br0", Some(&mac), Some((id.bridge_addr(), 24)))?;
+            ns.route(&id.other().pod_cidr(), id.other().addr())?;
             ns.sysctl("net.ipv4.ip_forward", "1")?;
         }
         Ok(())
@@ -383,7 +302,7 @@ impl ClusterLab {
     /// ports of both nodes and on `c0`: every veth end that receives frames
     /// a node's XDP sends.
     fn attach_pass_programs(&mut self) -> Result<()> {
-        let dir = self.pins.0.join("pass");
+        let dir = self.site.pins().join("pass");
         std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
         let targets = [
             (&self.wire, NodeId::A.wire_port()),
@@ -416,7 +335,7 @@ impl ClusterLab {
 
     /// The unique prefix of this lab's names.
     pub fn prefix(&self) -> &str {
-        &self.prefix
+        self.site.prefix()
     }
 
     /// The client namespace.
@@ -436,7 +355,7 @@ impl ClusterLab {
 
     /// The lab's temporary directory (manifest, agent logs).
     pub fn dir(&self) -> &Path {
-        self.dir.as_ref().map_or(Path::new("/tmp"), |d| d.path())
+        self.site.dir()
     }
 
     /// The agent binary.
@@ -446,7 +365,7 @@ impl ClusterLab {
 
     /// A node agent's `--bpffs-root`: `/sys/fs/bpf/<prefix>/<node-name>`.
     pub fn bpffs_root(&self, id: NodeId) -> PathBuf {
-        self.pins.0.join(id.name())
+        self.site.pins().join(id.name())
     }
 
     /// Where map `name` of a node's agent is pinned.
@@ -460,41 +379,13 @@ impl ClusterLab {
         if self.node_ref(id).pods.contains_key(&i) {
             bail!("pod {} exists", pod_label(id, i));
         }
-        let ns = Netns::create(format!("{}-{}-pod{i}", self.prefix, id.letter()))?;
-        let node = self.node(id);
+        let ns = self.site.netns(&format!("{}-pod{i}", id.letter()))?;
         let port = format!("p{i}");
-        node.ip(&[
-            "link",
-            "add",
-            &port,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            ns.name(),
-        ])?;
-        node.ip(&["link", "set", &port, "master", "br0"])?;
-        node.ip(&["link", "set", &port, "up"])?;
-        ns.ip(&[
-            "addr",
-            "add",
-            &format!("{}/24", pod_addr(id, i)),
-            "dev",
-            "eth0",
-        ])?;
-        ns.ip(&["link", "set", "eth0", "up"])?;
-        ns.ip(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            &id.bridge_addr().to_string(),
-        ])?;
+        let (addr, gateway) = ((pod_addr(id, i), 24), id.bridge_addr());
+        topology::plug_into_bridge(self.node(id), "br0", &port, &ns, addr, gateway)?;
         // The other node's XDP sees this pod's packets (replies to its SNAT
         // address): they must carry full checksums.
-        cmd::quiet(ns.command("ethtool").args(["-K", "eth0", "tx", "off"]))?;
+        ns.tx_checksum_off("eth0")?;
         let server = Server::start(&ns, &pod_label(id, i), manifest::POD_PORT)?;
         self.node_mut(id).pods.insert(i, Pod { server, ns });
         Ok(())
@@ -676,7 +567,7 @@ impl Drop for ClusterLab {
         if failing {
             eprintln!(
                 "cluster lab {}: agent logs:\n{}",
-                self.prefix,
+                self.site.prefix(),
                 self.agent_logs()
             );
         }
@@ -688,10 +579,11 @@ impl Drop for ClusterLab {
                 eprintln!("cluster lab: cleanup: remove {}: {e}", pin.display());
             }
         }
-        if failing && let Some(dir) = self.dir.take() {
-            eprintln!("cluster lab {}: kept {}", self.prefix, dir.keep().display());
+        if failing && let Some(dir) = self.site.keep_dir() {
+            eprintln!("cluster lab {}: kept {}", self.site.prefix(), dir.display());
         }
-        // Nodes, client, wire and the pins drop next, in field order.
+        // Nodes, client, wire and the site (pins, temporary directory) drop
+        // next, in field order.
     }
 }
 

@@ -31,6 +31,11 @@ pub struct EchoOptions {
     /// `type: LoadBalancer` with this address in
     /// `status.loadBalancer.ingress` (served on `port` 80).
     pub load_balancer_ip: Option<Ipv4Addr>,
+    /// The `lb-agent.dev/balancing` annotation (default: none, Maglev).
+    pub balancing: Option<&'static str>,
+    /// The TCP port's target as a number, served on this pod port
+    /// (default: the named container port `web`, which is [`POD_PORT`]).
+    pub tcp_target_port: Option<u16>,
 }
 
 /// An endpoint's `conditions` in the EndpointSlice.
@@ -83,6 +88,14 @@ pub fn echo_service_conditions(
     } else {
         ""
     };
+    let annotations = match options.balancing {
+        Some(p) => format!("    annotations:\n      lb-agent.dev/balancing: {p}\n"),
+        None => String::new(),
+    };
+    let (target, tcp_port) = match options.tcp_target_port {
+        Some(port) => (port.to_string(), port),
+        None => ("web".to_owned(), POD_PORT),
+    };
     let status = match options.load_balancer_ip {
         Some(ip) => format!("  status:\n    loadBalancer:\n      ingress:\n      - ip: {ip}\n"),
         None => String::new(),
@@ -100,7 +113,7 @@ items:
     namespace: demo
     labels:
       app: echo
-  spec:
+{annotations}  spec:
     type: {kind}
 {policy}    selector:
       app: echo
@@ -113,7 +126,7 @@ items:
     - name: http
       protocol: TCP
       port: 80
-      targetPort: web
+      targetPort: {target}
       nodePort: 30090
     - name: echo-udp
       protocol: UDP
@@ -132,7 +145,7 @@ items:
   ports:
   - name: http
     protocol: TCP
-    port: 8080
+    port: {tcp_port}
   - name: echo-udp
     protocol: UDP
     port: 8080
@@ -189,12 +202,17 @@ mod tests {
             &EchoOptions {
                 local_policy: true,
                 load_balancer_ip: Some(Ipv4Addr::new(198, 18, 0, 100)),
+                balancing: Some("round-robin"),
+                tcp_target_port: Some(9090),
             },
         );
         assert!(yaml.contains("    nodeName: node-a\n"));
         assert!(yaml.contains("    nodeName: node-b\n"));
         assert!(yaml.contains("    type: LoadBalancer\n    externalTrafficPolicy: Local\n"));
         assert!(yaml.contains("      - ip: 198.18.0.100\n"));
+        assert!(yaml.contains("    annotations:\n      lb-agent.dev/balancing: round-robin\n"));
+        assert!(yaml.contains("      targetPort: 9090\n"));
+        assert!(yaml.contains("  - name: http\n    protocol: TCP\n    port: 9090\n"));
     }
 
     #[test]

@@ -24,7 +24,7 @@ use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
-    sync::atomic::{AtomicBool, AtomicU32, Ordering},
+    sync::atomic::{AtomicBool, Ordering},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -35,6 +35,7 @@ use self::{
     netns::Netns,
     server::Server,
 };
+use crate::topology::{self, Site, Wiring as _};
 
 /// Where bpffs is mounted; each lab pins under `<BPFFS>/<prefix>`.
 pub const BPFFS: &str = "/sys/fs/bpf";
@@ -52,7 +53,6 @@ pub const NODE_IFACE: &str = "n0";
 pub use lb_common::consts::pin as pins;
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-static LAB_COUNTER: AtomicU32 = AtomicU32::new(1);
 
 /// Asks every lab loop to stop at its next check (the demo's Ctrl-C handler).
 pub fn request_stop() {
@@ -131,103 +131,53 @@ impl Pod {
     }
 }
 
-/// Removes a bpffs directory on drop.
-#[derive(Debug)]
-struct PinDir(PathBuf);
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        if self.0.exists()
-            && let Err(e) = std::fs::remove_dir_all(&self.0)
-        {
-            eprintln!("lab: cleanup: remove {}: {e}", self.0.display());
-        }
-    }
-}
-
 /// The lab. See the module documentation for the topology.
 #[derive(Debug)]
 pub struct Lab {
-    prefix: String,
     agent: Option<Agent>,
     pods: BTreeMap<u8, Pod>,
     extra_servers: Vec<Server>,
     client: Netns,
     node: Netns,
-    pins: PinDir,
-    dir: Option<tempfile::TempDir>,
+    // Prefix, pins and temporary directory: dropped after the namespaces.
+    site: Site,
     manifest: PathBuf,
     agent_bin: Option<PathBuf>,
 }
 
 impl Lab {
     /// Builds client, node and pods `1..=pods` with their servers. Needs
-    /// root, `ip`, `ethtool` and `nsenter`.
+    /// root, `ip`, `ethtool`, `nsenter` and `sysctl` ([`topology::preflight`]).
     pub fn new(pods: u8) -> Result<Self> {
-        if !crate::is_root() {
-            bail!("the lab needs root (network namespaces, BPF)");
-        }
-        for tool in ["ip", "ethtool", "nsenter", "sysctl"] {
-            if crate::cmd::find_program(tool).is_none() {
-                bail!("`{tool}` not found: run `cargo xtask setup`");
-            }
-        }
+        topology::preflight("the lab")?;
         netns::remove_stale();
-        let prefix = format!(
-            "{}{}-{}",
-            netns::PREFIX,
-            std::process::id(),
-            LAB_COUNTER.fetch_add(1, Ordering::SeqCst)
-        );
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("{prefix}-"))
-            .tempdir()
-            .context("create temp dir")?;
-        let pins = PinDir(Path::new(BPFFS).join(&prefix));
+        let site = Site::new("")?;
 
-        let node = Netns::create(format!("{prefix}-node"))?;
-        let client = Netns::create(format!("{prefix}-client"))?;
-        node.ip(&[
-            "link",
-            "add",
-            NODE_IFACE,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "c0",
-            "netns",
-            client.name(),
-        ])?;
+        let node = site.netns("node")?;
+        let client = site.netns("client")?;
+        node.veth(NODE_IFACE, &client, "c0")?;
 
-        client.ip(&["addr", "add", &format!("{CLIENT_ADDR}/24"), "dev", "c0"])?;
-        client.ip(&["link", "set", "c0", "up"])?;
-        client.ip(&["route", "add", "default", "via", &NODE_ADDR.to_string()])?;
+        client.addr_up("c0", CLIENT_ADDR, 24)?;
+        client.route("default", NODE_ADDR)?;
         // XDP on the node must see full checksums, not veth's partial ones.
-        crate::cmd::quiet(client.command("ethtool").args(["-K", "c0", "tx", "off"]))?;
+        client.tx_checksum_off("c0")?;
 
-        node.ip(&["addr", "add", &format!("{NODE_ADDR}/24"), "dev", NODE_IFACE])?;
-        node.ip(&["link", "set", NODE_IFACE, "up"])?;
-        node.ip(&["link", "add", "br0", "type", "bridge"])?;
+        node.addr_up(NODE_IFACE, NODE_ADDR, 24)?;
         // A fixed address: a bridge otherwise takes the lowest address of
         // its ports, so adding or removing a pod could change the pods'
         // gateway under their neighbour caches and lose their replies until
         // they re-resolve it.
-        node.ip(&["link", "set", "br0", "address", BRIDGE_MAC])?;
-        node.ip(&["addr", "add", &format!("{BRIDGE_ADDR}/24"), "dev", "br0"])?;
-        node.ip(&["link", "set", "br0", "up"])?;
+        node.bridge("br0", Some(BRIDGE_MAC), Some((BRIDGE_ADDR, 24)))?;
         node.sysctl("net.ipv4.ip_forward", "1")?;
 
         let mut lab = Self {
-            manifest: dir.path().join("services.yaml"),
-            dir: Some(dir),
-            prefix,
+            manifest: site.dir().join("services.yaml"),
+            site,
             agent: None,
             pods: BTreeMap::new(),
             extra_servers: Vec::new(),
             client,
             node,
-            pins,
             agent_bin: None,
         };
         for i in 1..=pods {
@@ -238,7 +188,7 @@ impl Lab {
 
     /// The unique prefix of this lab's names.
     pub fn prefix(&self) -> &str {
-        &self.prefix
+        self.site.prefix()
     }
 
     /// The client namespace.
@@ -253,7 +203,7 @@ impl Lab {
 
     /// The agent's `--bpffs-root`: `/sys/fs/bpf/<prefix>`.
     pub fn bpffs_root(&self) -> &Path {
-        &self.pins.0
+        self.site.pins()
     }
 
     /// Where map `name` is pinned: `<bpffs-root>/v3/<name>`.
@@ -263,7 +213,7 @@ impl Lab {
 
     /// The lab's temporary directory (manifests, agent log).
     pub fn dir(&self) -> &Path {
-        self.dir.as_ref().map_or(Path::new("/tmp"), |d| d.path())
+        self.site.dir()
     }
 
     /// Adds pod `i`: namespace, veth to the bridge, address, route, server.
@@ -277,25 +227,10 @@ impl Lab {
         if self.pods.contains_key(&i) {
             bail!("pod {i} exists");
         }
-        let ns = Netns::create(format!("{}-pod{i}", self.prefix))?;
+        let ns = self.site.netns(&format!("pod{i}"))?;
         let port = format!("p{i}");
-        self.node.ip(&[
-            "link",
-            "add",
-            &port,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            ns.name(),
-        ])?;
-        self.node.ip(&["link", "set", &port, "master", "br0"])?;
-        self.node.ip(&["link", "set", &port, "up"])?;
-        ns.ip(&["addr", "add", &format!("{}/24", pod_addr(i)), "dev", "eth0"])?;
-        ns.ip(&["link", "set", "eth0", "up"])?;
-        ns.ip(&["route", "add", "default", "via", &BRIDGE_ADDR.to_string()])?;
+        let addr = (pod_addr(i), 24);
+        topology::plug_into_bridge(&self.node, "br0", &port, &ns, addr, BRIDGE_ADDR)?;
         // A pod recreated at an old address has a new MAC address: forget
         // the old one, which the node would otherwise keep using until its
         // neighbour entry went stale (tens of seconds), as if the pod were
@@ -496,7 +431,7 @@ impl Drop for Lab {
             if failing {
                 eprintln!(
                     "lab {}: lb-agent log ({}):\n{}",
-                    self.prefix,
+                    self.site.prefix(),
                     agent.log_path().display(),
                     agent.log()
                 );
@@ -504,9 +439,10 @@ impl Drop for Lab {
         }
         self.extra_servers.clear();
         self.pods.clear();
-        if failing && let Some(dir) = self.dir.take() {
-            eprintln!("lab {}: kept {}", self.prefix, dir.keep().display());
+        if failing && let Some(dir) = self.site.keep_dir() {
+            eprintln!("lab {}: kept {}", self.site.prefix(), dir.display());
         }
-        // client, node and pins drop next, in field order.
+        // client, node and the site (pins, then the temporary directory)
+        // drop next, in field order.
     }
 }

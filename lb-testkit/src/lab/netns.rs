@@ -1,15 +1,22 @@
 //! Named network namespaces (`ip netns`), running code inside one, and
 //! removing what a crashed earlier run left behind.
 
-use std::{fs::File, path::PathBuf, process::Command, thread};
+use std::{
+    fs::File,
+    io::Write as _,
+    path::PathBuf,
+    process::{Command, Stdio},
+    thread,
+};
 
-use anyhow::{Context as _, Result, anyhow};
+use anyhow::{Context as _, Result, anyhow, bail};
 use nix::sched::{CloneFlags, setns};
 
 use crate::cmd;
 
-/// Prefix of every namespace and bpffs directory the lab creates:
-/// `lbt-<pid>-<n>-<role>`.
+/// Prefix of every namespace, bpffs directory and temporary directory a
+/// topology creates: `lbt-<pid>-<tag><n>-<role>` (see
+/// [`crate::topology::Site`]).
 pub const PREFIX: &str = "lbt-";
 
 /// A named network namespace, deleted on drop.
@@ -46,6 +53,44 @@ impl Netns {
         )
     }
 
+    /// Runs `ip -n <ns> -batch -` with `commands`, one per line: one process
+    /// for many commands. The error shows the whole input.
+    pub fn ip_batch(&self, commands: &[String]) -> Result<()> {
+        let mut child = Command::new(cmd::program("ip"))
+            .args(["-n", &self.name, "-batch", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawn ip -batch")?;
+        let mut input = commands.join("\n");
+        input.push('\n');
+        child
+            .stdin
+            .take()
+            .context("stdin of ip -batch")?
+            .write_all(input.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "`ip -n {} -batch -` failed ({}): {}\ninput:\n{input}",
+                self.name,
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
+    /// Turns transmit checksum offload off on `iface` (`ethtool -K IFACE tx
+    /// off`). A veth otherwise hands its peer packets whose checksum is
+    /// still to be filled in (partial checksums), and XDP on the receiving
+    /// side sees them so: a program that checks or rewrites checksums needs
+    /// full ones.
+    pub fn tx_checksum_off(&self, iface: &str) -> Result<()> {
+        cmd::quiet(self.command("ethtool").args(["-K", iface, "tx", "off"]))
+    }
+
     /// A command that runs `program` in this namespace only (`nsenter --net`,
     /// which keeps the host's mounts, so bpffs stays visible).
     pub fn command(&self, program: &str) -> Command {
@@ -55,7 +100,9 @@ impl Netns {
         c
     }
 
-    /// Sets a sysctl inside the namespace (`net.*` keys are per namespace).
+    /// Sets a sysctl inside the namespace (`net.*` keys are per namespace)
+    /// with the `sysctl` tool; [`Netns::write_sysctls`] sets several
+    /// without a process.
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
         cmd::quiet(
             self.command("sysctl")
@@ -63,6 +110,28 @@ impl Netns {
                 .arg("-w")
                 .arg(format!("{key}={value}")),
         )
+    }
+
+    /// Writes `net.*` sysctls (`/proc/sys` follows the writer's namespace)
+    /// from a thread inside the namespace: no process per key.
+    pub fn write_sysctls(&self, values: &[(&str, &str)]) -> Result<()> {
+        let values: Vec<(String, String)> = values
+            .iter()
+            .map(|(k, v)| {
+                (
+                    format!("/proc/sys/{}", k.replace('.', "/")),
+                    (*v).to_owned(),
+                )
+            })
+            .collect();
+        self.run(move || -> Result<()> {
+            for (path, value) in &values {
+                std::fs::write(path, value)
+                    .with_context(|| format!("write {value:?} to {path}"))?;
+            }
+            Ok(())
+        })?
+        .with_context(|| format!("sysctls of {}", self.name))
     }
 
     /// The packet counters of interface `iface` (`ip -s -j link show`).

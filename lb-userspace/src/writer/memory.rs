@@ -3,8 +3,7 @@
 use std::ops::Deref;
 
 use lb_common::{
-    BACKEND_ACTIVE, BackendV4, FrontendKeyV4, MAGLEV_CAPACITY, MAX_BACKENDS, MAX_FRONTENDS,
-    MAX_SERVICES,
+    BackendV4, FrontendKeyV4, MAGLEV_CAPACITY, MAX_BACKENDS, MAX_FRONTENDS, MAX_SERVICES,
 };
 
 use super::{MapState, MapWriter, Op};
@@ -53,7 +52,7 @@ impl MemoryMaps {
         let slot = lb_common::hash::maglev_slot(flow_hash, svc.maglev_size);
         let id = *table.slots.get(slot as usize)?;
         let b = self.backends.get(&id)?;
-        (b.state == BACKEND_ACTIVE && b.service_id == svc.service_id).then_some(*b)
+        b.serves(svc.service_id).then_some(*b)
     }
 
     /// The backend id and entry the datapath picks for a new flow to `key`
@@ -91,7 +90,7 @@ impl MemoryMaps {
             _ => slot_id(flow_hash)?,
         };
         let b = self.backends.get(&id)?;
-        (b.state == BACKEND_ACTIVE && b.service_id == svc.service_id).then_some((id, *b))
+        b.serves(svc.service_id).then_some((id, *b))
     }
 
     /// Checks that nothing the datapath can reach dangles: every frontend

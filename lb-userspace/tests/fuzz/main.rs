@@ -28,6 +28,7 @@ use aya::{
     programs::{SchedClassifier, TestRunOptions, Xdp},
 };
 use lb_common::{MAX_BACKENDS, MAX_SERVICES, Stats, pin};
+use lb_testkit::topology::Site;
 use lb_userspace::{
     loader::{Datapath, LoadOptions, TC_PROGRAM, XDP_PROGRAM, program},
     model::Desired,
@@ -63,21 +64,21 @@ fn privileged() -> bool {
 struct Kernel {
     dp: Datapath,
     maps: KernelMaps,
-    root: PathBuf,
+    /// The pin directory, removed on drop.
+    site: Site,
 }
 
 impl Kernel {
     fn load(run: u64) -> Self {
-        let root = PathBuf::from(format!("/sys/fs/bpf/lb-fuzz-{}-{run}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
+        let site = Site::new(&format!("f{run}-")).expect("a site for the pins");
         let mut dp = Datapath::load(&LoadOptions {
-            bpffs_root: root.clone(),
+            bpffs_root: site.pins().to_owned(),
             ct_capacity: 16_384,
         })
         .expect("load datapath");
         let maps = KernelMaps::from_ebpf(&mut dp.ebpf).expect("maps");
         dp.configure(&cases::CONFIG).expect("configure SNAT");
-        Self { dp, maps, root }
+        Self { dp, maps, site }
     }
 
     fn run(&mut self, prog: Prog, pkt: &[u8]) -> (u32, Vec<u8>) {
@@ -103,7 +104,7 @@ impl Kernel {
 
     /// Where the maps are pinned.
     fn pins(&self) -> PathBuf {
-        self.root.join(format!("v{}", lb_common::MAP_VERSION))
+        lb_userspace::loader::pin_dir(self.site.pins())
     }
 
     /// The kernel's flow maps and counters, for the ids `ids` names.
@@ -148,12 +149,6 @@ impl Kernel {
             be: per_cpu(pin::BACKEND_COUNTERS, backends),
             stats: st,
         }
-    }
-}
-
-impl Drop for Kernel {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.root);
     }
 }
 

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use lb_common::{CT_F_PORT_REMAP, CT_TCP_ACK, flow};
+use lb_common::{CT_F_PORT_REMAP, CT_TCP_ACK};
 use lb_userspace::gc::{Tables, Timeouts, monotonic_ns};
 
 use super::*;
@@ -324,7 +324,7 @@ fn lb_agent_flows_shows_the_pods_side_of_a_forwarded_flow() {
         b.write(&mut fin, b"").unwrap();
         assert_eq!(g.xdp_on(&fin, ifindex).0, XDP_TX);
     });
-    let rows = lb_userspace::inspect::Pinned::new(&g.root)
+    let rows = lb_userspace::inspect::Pinned::new(g.site.pins())
         .flows(monotonic_ns())
         .expect("lb-agent flows");
     let row = rows
