@@ -11,6 +11,7 @@ pub mod cmd;
 pub mod fixtures;
 pub mod guard;
 pub mod lab;
+pub mod netns;
 pub mod topology;
 pub mod xdp_pass;
 

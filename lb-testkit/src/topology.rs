@@ -20,7 +20,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::lab::{self, netns::Netns};
+use crate::netns::{self, BPFFS, Netns};
 
 /// The tools a topology runs: `ip`, `ethtool` (offloads), `nsenter`
 /// ([`Netns::command`]) and `sysctl`.
@@ -45,7 +45,7 @@ static COUNTER: AtomicU32 = AtomicU32::new(1);
 
 /// Where one topology lives: its unique prefix `lbt-<pid>-<tag><n>` (the
 /// pid, so that runs at the same time do not collide and
-/// [`lab::netns::remove_stale`] can tell leftovers of crashed runs; `n`
+/// [`netns::remove_stale`] can tell leftovers of crashed runs; `n`
 /// counts the sites of this process), a temporary directory named after it
 /// (manifests, logs) and its bpffs directory `/sys/fs/bpf/<prefix>`
 /// (created only by [`Site::create_pins`]; an agent creates its own). The
@@ -63,7 +63,7 @@ impl Site {
     pub fn new(tag: &str) -> Result<Self> {
         let prefix = format!(
             "{}{}-{tag}{}",
-            lab::netns::PREFIX,
+            netns::PREFIX,
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::SeqCst)
         );
@@ -72,7 +72,7 @@ impl Site {
             .tempdir()
             .context("create temp dir")?;
         Ok(Self {
-            pins: Path::new(lab::BPFFS).join(&prefix),
+            pins: Path::new(BPFFS).join(&prefix),
             prefix,
             dir: Some(dir),
         })

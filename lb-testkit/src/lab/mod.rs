@@ -17,7 +17,6 @@ pub mod agent;
 pub mod client;
 pub mod cluster;
 pub mod manifest;
-pub mod netns;
 pub mod server;
 
 use std::{
@@ -32,13 +31,13 @@ use anyhow::{Context as _, Result, bail};
 use self::{
     agent::{Agent, AgentConfig, AgentSource},
     manifest::Condition,
-    netns::Netns,
     server::Server,
 };
+use crate::netns::Netns;
 use crate::topology::{self, Site, Wiring as _};
 
-/// Where bpffs is mounted; each lab pins under `<BPFFS>/<prefix>`.
-pub const BPFFS: &str = "/sys/fs/bpf";
+pub use crate::netns::{self, BPFFS};
+
 /// The node's address on the client link: the NodePort frontend.
 pub const NODE_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 /// The client's address.

@@ -19,6 +19,9 @@ use crate::cmd;
 /// [`crate::topology::Site`]).
 pub const PREFIX: &str = "lbt-";
 
+/// Where bpffs is mounted; each topology pins under `<BPFFS>/<prefix>`.
+pub const BPFFS: &str = "/sys/fs/bpf";
+
 /// A named network namespace, deleted on drop.
 #[derive(Debug)]
 pub struct Netns {
@@ -273,7 +276,7 @@ pub fn remove_stale() {
         }
     }
     // Pins, and the temporary directories (logs) of failed runs.
-    for dir in [PathBuf::from(super::BPFFS), std::env::temp_dir()] {
+    for dir in [PathBuf::from(BPFFS), std::env::temp_dir()] {
         let Ok(list) = std::fs::read_dir(&dir) else {
             continue;
         };
