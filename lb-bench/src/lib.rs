@@ -75,6 +75,13 @@ pub mod targets {
     pub const CONTROL_PLANE_INITIAL_MS: f64 = 1_000.0;
     /// One added endpoint when 10,000 services exist, ms.
     pub const CONTROL_PLANE_ADD_MS: f64 = 10.0;
+    /// Kernel memory of every map at 10,000 × 10 on this machine, MiB
+    /// (conntrack at its default size included).
+    pub const KERNEL_MEMORY_MIB: f64 = 128.0;
+    /// The same, projected to a 128-CPU node, MiB.
+    pub const KERNEL_MEMORY_128_CPUS_MIB: f64 = 256.0;
+    /// The agent's resident set at 10,000 × 10, MiB.
+    pub const AGENT_RSS_MIB: f64 = 100.0;
     /// Short-connection rate as a fraction of the no-load-balancer rate, at
     /// every point of both axes.
     pub const FRACTION_OF_NOLB: f64 = 0.9;

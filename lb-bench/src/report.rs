@@ -268,6 +268,37 @@ fn control_plane_targets(r: &Value, rows: &mut Vec<Target>) {
             full.then_some(ms <= targets::CONTROL_PLANE_ADD_MS),
         ));
     }
+    let mem = &cp["xdp"]["memory"];
+    let mib = |v: &Value| f(v).map(|b| b / (1024.0 * 1024.0));
+    for (key, what, value, target) in [
+        (
+            "kernel_memory",
+            "kernel memory of every map at 10,000 × 10 on this machine",
+            mib(&mem["bytes_memlock"]),
+            targets::KERNEL_MEMORY_MIB,
+        ),
+        (
+            "kernel_memory_128",
+            "kernel memory of every map at 10,000 × 10 on a 128-CPU node (projected)",
+            mib(&mem["projected_bytes"]),
+            targets::KERNEL_MEMORY_128_CPUS_MIB,
+        ),
+        (
+            "agent_rss",
+            "agent resident memory at 10,000 × 10",
+            mib(&mem["agent_rss_bytes"]),
+            targets::AGENT_RSS_MIB,
+        ),
+    ] {
+        if let Some(v) = value {
+            rows.push(Target::new(
+                key,
+                format!("{what} ≤ {target:.0} MiB"),
+                format!("{v:.0} MiB{scope}"),
+                full.then_some(v <= target),
+            ));
+        }
+    }
 }
 
 pub fn verdicts(r: &Value) -> Value {
@@ -787,8 +818,38 @@ fn control_plane(cp: &Value) -> Value {
             "add_agent": num(&x["add_endpoint_agent_ms"], 1),
             "manifest_bytes": count(&x["manifest_bytes"]),
         },
+        "memory": memory(&x["memory"]),
         "kube_proxy": kube_proxy,
         "method": text(&cp["method"]),
+    })
+}
+
+/// The maps' kernel memory and the agent's resident set, in MiB, largest
+/// map first.
+fn memory(m: &Value) -> Value {
+    if !m.is_object() {
+        return Value::Null;
+    }
+    let mib = |v: &Value| f(v).map(|b| format!("{:.1}", b / (1024.0 * 1024.0)));
+    let mut maps: Vec<&Value> = m["maps"].as_array().into_iter().flatten().collect();
+    maps.sort_by_key(|v| std::cmp::Reverse(v["bytes_memlock"].as_u64().unwrap_or(0)));
+    json!({
+        "cpus": raw(&m["possible_cpus"]),
+        "projected_cpus": raw(&m["projected_cpus"]),
+        "total": mib(&m["bytes_memlock"]),
+        "projected": mib(&m["projected_bytes"]),
+        "rss": mib(&m["agent_rss_bytes"]),
+        "maps": maps
+            .into_iter()
+            .map(|v| json!({
+                "name": text(&v["name"]),
+                "type": text(&v["type"]),
+                "entries": count(&v["max_entries"]),
+                "value": raw(&v["value_size"]),
+                "mib": mib(&v["bytes_memlock"]),
+                "projected": mib(&v["projected_bytes"]),
+            }))
+            .collect::<Vec<_>>(),
     })
 }
 

@@ -180,6 +180,23 @@ fn quick_bench_has_every_section_with_sane_numbers() {
             60_000.0,
         );
     }
+    // Memory once loaded: every pinned map accounted, the conntrack map
+    // among them, a per-CPU map projected to 128 CPUs grows, the agent's
+    // resident set read.
+    let mem = &r["control_plane"]["xdp"]["memory"];
+    let maps = mem["maps"]
+        .as_array()
+        .expect("control_plane.xdp.memory.maps");
+    assert!(maps.len() >= 10, "pinned maps: {maps:?}");
+    assert!(maps.iter().any(|m| m["name"] == "LB_CT_V4"));
+    let sum: u64 = maps
+        .iter()
+        .map(|m| m["bytes_memlock"].as_u64().unwrap())
+        .sum();
+    assert_eq!(mem["bytes_memlock"].as_u64(), Some(sum));
+    within(&r, "control_plane.xdp.memory.bytes_memlock", 1e6, 1e11);
+    assert!(mem["projected_bytes"].as_u64() >= mem["bytes_memlock"].as_u64());
+    within(&r, "control_plane.xdp.memory.agent_rss_bytes", 1e6, 1e11);
     assert!(r["targets"].as_array().unwrap().len() >= 10);
 
     // The docs the bench writes with --out.
@@ -194,6 +211,8 @@ fn quick_bench_has_every_section_with_sane_numbers() {
         "What limits each system",
         "## 5. UDP",
         "## 6. Control plane",
+        "### Memory once the services are loaded",
+        "| `LB_CT_V4` |",
         "ours ÷ iptables",
         "benchmarks.svg",
         "benchmarks-rates.svg",

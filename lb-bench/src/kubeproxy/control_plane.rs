@@ -5,7 +5,7 @@
 
 use std::{
     net::Ipv4Addr,
-    path::Path,
+    path::{Path, PathBuf},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -54,7 +54,11 @@ pub fn added_endpoint(k: usize) -> Ipv4Addr {
 /// ```json
 /// {"services": 10000, "endpoints_per_service": 10, "add_runs": 5,
 ///  "xdp": {"initial_ms", "initial_after_attach_ms", "add_endpoint_ms",
-///          "add_endpoint_agent_ms", "add_endpoint_runs_ms", "manifest_bytes"},
+///          "add_endpoint_agent_ms", "add_endpoint_runs_ms", "manifest_bytes",
+///          "memory": {"possible_cpus", "projected_cpus", "maps": [{"name",
+///                     "type", "max_entries", "key_size", "value_size",
+///                     "bytes_memlock", "projected_bytes"}], "bytes_memlock",
+///                     "projected_bytes", "agent_rss_bytes"}},
 ///  "iptables": {"tool", "backend", "initial_ms", "add_endpoint_ms",
 ///               "add_endpoint_runs_ms", "rules", "chains", "bytes",
 ///               "add_endpoint_rules", "add_endpoint_bytes", "nat_rules_loaded"},
@@ -233,6 +237,7 @@ fn measure_xdp(agent_bin: &Path, svcs: &[BenchService], node: &NodeInfo) -> Resu
         .last()
         .copied()
         .context("no `attached XDP` line with a timestamp")?;
+    let memory = memory(site.pins(), agent.pid())?;
 
     let mut runs = Vec::new();
     let mut agent_runs = Vec::new();
@@ -262,6 +267,88 @@ fn measure_xdp(agent_bin: &Path, svcs: &[BenchService], node: &NodeInfo) -> Resu
         "add_endpoint_agent_ms": median_ms(&agent_runs),
         "add_endpoint_runs_ms": runs_ms(&runs),
         "manifest_bytes": manifest_bytes,
+        "memory": memory,
+    }))
+}
+
+/// The CPUs a per-CPU map is sized for (`/sys/devices/system/cpu/possible`,
+/// e.g. `0-1`).
+fn possible_cpus() -> Result<u64> {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/possible")
+        .context("read /sys/devices/system/cpu/possible")?;
+    let mut n = 0;
+    for part in text.trim().split(',') {
+        let (lo, hi) = part.split_once('-').unwrap_or((part, part));
+        let (lo, hi): (u64, u64) = (lo.parse()?, hi.parse()?);
+        n += hi - lo + 1;
+    }
+    Ok(n)
+}
+
+/// The CPU count the per-CPU maps are projected to.
+pub const PROJECTED_CPUS: u64 = 128;
+
+/// What the agent's maps and the agent itself hold once the services are
+/// loaded: every map pinned under `pins` as `bpftool map show` reports it
+/// (`bytes_memlock`, the kernel's own accounting), projected to a
+/// [`PROJECTED_CPUS`]-CPU node (a per-CPU map's memory grows with the CPUs
+/// it is sized for; the others do not), and the agent's resident set.
+fn memory(pins: &Path, agent: Option<u32>) -> Result<Value> {
+    let cpus = possible_cpus()?;
+    let dir = pins.join(lb_common::PIN_DIR);
+    let mut names: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .with_context(|| format!("read {}", dir.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    names.sort();
+    let (mut total, mut projected) = (0u64, 0u64);
+    let mut maps = Vec::new();
+    for pin in names {
+        let out = lb_testkit::cmd::output(
+            std::process::Command::new(lb_testkit::cmd::program("bpftool"))
+                .args(["-j", "map", "show", "pinned"])
+                .arg(&pin),
+        )?;
+        let m: Value = serde_json::from_str(&out).context("parse `bpftool -j map show`")?;
+        let memlock = m["bytes_memlock"].as_u64().unwrap_or(0);
+        let kind = m["type"].as_str().unwrap_or("?");
+        let at_128 = if kind.contains("percpu") {
+            memlock / cpus * PROJECTED_CPUS
+        } else {
+            memlock
+        };
+        total += memlock;
+        projected += at_128;
+        maps.push(json!({
+            "name": pin.file_name().map(|n| n.to_string_lossy().into_owned()),
+            "type": kind,
+            "max_entries": m["max_entries"],
+            "key_size": m["bytes_key"],
+            "value_size": m["bytes_value"],
+            "bytes_memlock": memlock,
+            "projected_bytes": at_128,
+        }));
+    }
+    let rss = agent.and_then(|pid| {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kb * 1024)
+    });
+    Ok(json!({
+        "possible_cpus": cpus,
+        "projected_cpus": PROJECTED_CPUS,
+        "maps": maps,
+        "bytes_memlock": total,
+        "projected_bytes": projected,
+        "agent_rss_bytes": rss,
     }))
 }
 
