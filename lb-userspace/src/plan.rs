@@ -329,7 +329,7 @@ pub fn plan(current: &MapState, desired: &Desired, cfg: &PlanConfig) -> Result<V
             let unchanged = current
                 .maglev
                 .get(&sid)
-                .is_some_and(|t| t.slots.len() == size as usize && t.members == ids);
+                .is_some_and(|t| t.size == size && t.members == ids);
             if !unchanged {
                 let names: Vec<&str> = active.iter().map(|b| b.1.as_str()).collect();
                 let mut table = Box::new(MaglevTable::default());

@@ -184,7 +184,7 @@ impl MapWriter for KernelMaps {
             let size = sizes
                 .get(&id)
                 .map_or(MAGLEV_CAPACITY, |s| (*s as usize).min(MAGLEV_CAPACITY));
-            maglev.insert(id, MaglevEntry::new(table.slots[..size].to_vec()));
+            maglev.insert(id, MaglevEntry::new(&table.slots[..size]));
         }
         let mut backends = BTreeMap::new();
         for (id, v) in self.backends.iter().enumerate() {

@@ -1,6 +1,6 @@
 //! The in-memory twin of the datapath maps, for tests and dry runs.
 
-use std::ops::Deref;
+use std::{collections::BTreeMap, ops::Deref};
 
 use lb_common::{
     BackendV4, FrontendKeyV4, MAGLEV_CAPACITY, MAX_BACKENDS, MAX_FRONTENDS, MAX_SERVICES,
@@ -10,11 +10,14 @@ use super::{MapState, MapWriter, Op};
 use crate::error::{Error, Result};
 
 /// A [`MapState`] that behaves like the kernel maps (same capacities, same
-/// whole-value replacement), plus [`MemoryMaps::resolve`], which picks a
+/// whole-value replacement), plus the Maglev tables' slots (which a
+/// `MapState` only digests) and [`MemoryMaps::resolve`], which picks a
 /// backend for a new flow the way the datapath does. Derefs to its state.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MemoryMaps {
     state: MapState,
+    /// `LB_MAGLEV`: service id → the written slots of its table.
+    tables: BTreeMap<u32, Vec<u32>>,
 }
 
 impl Deref for MemoryMaps {
@@ -31,11 +34,19 @@ impl MemoryMaps {
         Self::default()
     }
 
-    /// Maps holding `state`.
+    /// Maps holding `state` (a restarted agent's picture): what the
+    /// planner needs, without the tables' slots, so [`MemoryMaps::resolve`]
+    /// finds no Maglev backend in them until a table is written again.
     pub fn from_state(state: &MapState) -> Self {
         Self {
             state: state.clone(),
+            tables: BTreeMap::new(),
         }
+    }
+
+    /// The written slots of service `service_id`'s Maglev table.
+    pub fn table(&self, service_id: u32) -> Option<&[u32]> {
+        self.tables.get(&service_id).map(Vec::as_slice)
     }
 
     /// The backend the datapath picks for a new flow to `key` whose flow
@@ -48,9 +59,9 @@ impl MemoryMaps {
         if svc.backend_count == 0 || svc.maglev_size == 0 {
             return None;
         }
-        let table = self.maglev.get(&svc.service_id)?;
+        let table = self.table(svc.service_id)?;
         let slot = lb_common::hash::maglev_slot(flow_hash, svc.maglev_size);
-        let id = *table.slots.get(slot as usize)?;
+        let id = *table.get(slot as usize)?;
         let b = self.backends.get(&id)?;
         b.serves(svc.service_id).then_some(*b)
     }
@@ -72,10 +83,10 @@ impl MemoryMaps {
         if svc.backend_count == 0 || svc.maglev_size == 0 {
             return None;
         }
-        let table = self.maglev.get(&svc.service_id)?;
+        let table = self.table(svc.service_id)?;
         let slot_id = |h: u32| {
             let slot = lb_common::hash::maglev_slot(h, svc.maglev_size);
-            table.slots.get(slot as usize).copied()
+            table.get(slot as usize).copied()
         };
         let list = self.backend_lists.get(&svc.service_id);
         let id = match (svc.policy, list) {
@@ -111,8 +122,8 @@ impl MemoryMaps {
                 ));
             }
         }
-        for (sid, t) in &self.maglev {
-            for id in &t.slots {
+        for (sid, t) in &self.tables {
+            for id in t {
                 match self.backends.get(id) {
                     Some(b) if b.service_id == *sid => {}
                     _ => return Err(format!("table {sid} names backend {id}, not written")),
@@ -158,6 +169,20 @@ impl MemoryMaps {
                 _ => lb_common::pin::FRONTENDS_V4,
             };
             return Err(full(map, op));
+        }
+        match op {
+            Op::PutMaglev {
+                service_id,
+                table,
+                size,
+            } => {
+                let n = (*size as usize).min(table.slots.len());
+                self.tables.insert(*service_id, table.slots[..n].to_vec());
+            }
+            Op::DeleteMaglev { service_id } => {
+                self.tables.remove(service_id);
+            }
+            _ => {}
         }
         self.state.apply_op(op);
         Ok(())

@@ -31,22 +31,33 @@ pub struct MapState {
     pub names: BTreeMap<u32, String>,
 }
 
-/// A service's Maglev table as the planner sees it.
+/// A service's Maglev table as the planner sees it: its size and members,
+/// not its slots. A table is a function of its members and size (every
+/// node computes the same one), so that is all the planner compares; the
+/// slots (64 KiB at the default size) are written and dropped, so that the
+/// agent's picture of 10,000 services does not hold 640 MiB of them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MaglevEntry {
-    /// The first `maglev_size` slots (backend ids).
-    pub slots: Vec<u32>,
-    /// The distinct backend ids in `slots`, computed once when the table is
-    /// read or written (the planner compares it on every plan, for every
-    /// service: it must not cost a pass over the slots).
+    /// The table's size: its first `size` slots are written.
+    pub size: u32,
+    /// The distinct backend ids in the slots, computed once when the table
+    /// is read or written (the planner compares it on every plan, for
+    /// every service: it must not cost a pass over the slots).
     pub members: BTreeSet<u32>,
+    /// A digest of the slots (xxh3), so that two pictures of the maps are
+    /// equal only when their tables are.
+    pub digest: u64,
 }
 
 impl MaglevEntry {
-    /// An entry for `slots`.
-    pub fn new(slots: Vec<u32>) -> Self {
-        let members = slots.iter().copied().collect();
-        Self { slots, members }
+    /// The entry of a table whose written slots are `slots`.
+    pub fn new(slots: &[u32]) -> Self {
+        let bytes: Vec<u8> = slots.iter().flat_map(|id| id.to_ne_bytes()).collect();
+        Self {
+            size: slots.len() as u32,
+            members: slots.iter().copied().collect(),
+            digest: xxhash_rust::xxh3::xxh3_64(&bytes),
+        }
     }
 }
 
@@ -131,7 +142,7 @@ impl MapState {
             } => {
                 let n = (*size as usize).min(table.slots.len());
                 self.maglev
-                    .insert(*service_id, MaglevEntry::new(table.slots[..n].to_vec()));
+                    .insert(*service_id, MaglevEntry::new(&table.slots[..n]));
             }
             Op::PutFrontend { key, value } => {
                 self.frontends.insert(*key, *value);

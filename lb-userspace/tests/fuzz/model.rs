@@ -1,7 +1,7 @@
 //! The reference datapath: what the XDP and TC programs must do to a packet
 //! and to the flow maps, written plainly over byte slices and `BTreeMap`s.
 //!
-//! It reads the agent's maps from [`MapState`] (the planner's in-memory
+//! It reads the agent's maps from [`MemoryMaps`] (the planner's in-memory
 //! twin) and keeps its own flow tables. Times are not modelled: the fuzzer
 //! compares flow entries with their timestamps zeroed and keeps affinity
 //! timeouts far longer than a run. The shared rules (flow hash, Maglev slot,
@@ -24,7 +24,7 @@ use lb_common::{
     hash::{flow_hash_v4, maglev_slot, rehash},
     policy,
 };
-use lb_userspace::writer::MapState;
+use lb_userspace::writer::memory::MemoryMaps;
 
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
@@ -74,7 +74,7 @@ impl Flows {
 
 /// The reference datapath: the agent's maps plus the flow state.
 pub struct Model<'a> {
-    pub maps: &'a MapState,
+    pub maps: &'a MemoryMaps,
     pub cfg: DatapathConfig,
     pub flows: &'a mut Flows,
 }
@@ -474,10 +474,7 @@ impl Model<'_> {
         if svc.backend_count == 0 {
             return None;
         }
-        self.maps
-            .maglev
-            .get(&svc.service_id)
-            .map(|t| t.slots.as_slice())
+        self.maps.table(svc.service_id)
     }
 
     fn slot_of(&self, svc: &ServiceValue, hash: u32) -> Option<(u32, u32)> {
