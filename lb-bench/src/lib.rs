@@ -53,6 +53,7 @@ use lb_testkit::{
 };
 
 pub mod kubeproxy;
+pub mod time;
 pub mod traffic;
 
 /// The targets each measurement is held to.
@@ -190,7 +191,7 @@ pub fn run(agent: &Path, quick: bool) -> Result<Value> {
     let mut results = json!({
         "schema": 1,
         "quick": quick,
-        "date": rfc3339(SystemTime::now()),
+        "date": time::rfc3339(SystemTime::now()),
         "git": git_describe(),
         "machine": machine,
         "datapath": dp["datapath"],
@@ -276,19 +277,6 @@ fn git_describe() -> String {
     )
     .map(|s| s.trim().to_owned())
     .unwrap_or_else(|_| "unknown".into())
-}
-
-/// `2026-11-21T20:12:12Z` (whole seconds).
-pub fn rfc3339(t: SystemTime) -> String {
-    jiff::Timestamp::try_from(t)
-        .map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
-        .unwrap_or_default()
-}
-
-/// Parses the agent's log timestamps: RFC 3339 in UTC with a fraction,
-/// `2026-11-21T20:12:12.267520Z`.
-pub fn parse_rfc3339(s: &str) -> Option<SystemTime> {
-    s.parse::<jiff::Timestamp>().ok().map(SystemTime::from)
 }
 
 // ---------------------------------------------------------------------------
@@ -413,7 +401,7 @@ fn parse_synced(line: &str) -> Result<Option<Synced>> {
     let at = line
         .split_whitespace()
         .next()
-        .and_then(parse_rfc3339)
+        .and_then(time::parse_rfc3339)
         .with_context(|| format!("no RFC 3339 timestamp at the start of {line:?}"))?;
     let ops = line
         .split_whitespace()
@@ -578,31 +566,7 @@ pub fn sync_latency(agent_bin: &Path, effort: SyncEffort) -> Result<Value> {
 
 #[cfg(test)]
 mod tests {
-    use std::time::UNIX_EPOCH;
-
     use super::*;
-
-    #[test]
-    fn timestamps_round_trip() {
-        let t = parse_rfc3339("2026-11-21T20:12:12.267520Z").unwrap();
-        let d = t.duration_since(UNIX_EPOCH).unwrap();
-        assert_eq!(d.subsec_micros(), 267_520);
-        assert_eq!(rfc3339(t), "2026-11-21T20:12:12Z");
-        assert_eq!(
-            parse_rfc3339("1970-01-01T00:00:00Z"),
-            Some(UNIX_EPOCH),
-            "epoch"
-        );
-        assert_eq!(
-            parse_rfc3339("2000-03-01T00:00:01.5Z")
-                .unwrap()
-                .duration_since(UNIX_EPOCH)
-                .unwrap(),
-            Duration::new(951_868_801, 500_000_000)
-        );
-        assert!(parse_rfc3339("2026-13-01T00:00:00Z").is_none());
-        assert!(parse_rfc3339("not a time").is_none());
-    }
 
     #[test]
     fn synced_lines_parse() {

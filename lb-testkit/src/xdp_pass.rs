@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf,
-    programs::{Xdp, XdpMode, links::FdLink},
+    programs::{Xdp, XdpMode, links::FdLink, xdp::XdpLinkId},
 };
 
 /// The BPF target the object is built for.
@@ -64,27 +64,28 @@ pub fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
 /// namespace (driver mode). It stays attached while the returned object
 /// lives.
 pub fn attach(iface: &str) -> Result<Ebpf> {
-    let mut ebpf = load()?;
-    program(&mut ebpf)?
-        .attach(iface, XdpMode::Driver)
-        .with_context(|| format!("attach {PROGRAM} to {iface}"))?;
-    Ok(ebpf)
+    attach_link(iface).map(|(ebpf, _)| ebpf)
 }
 
 /// Attaches the program to `iface` and pins the link at `pin`, so that it
 /// stays attached after this process (the lab removes the pin, or the
 /// namespace, to detach it).
 pub fn attach_pinned(iface: &str, pin: &Path) -> Result<()> {
-    let mut ebpf = load()?;
-    let prog = program(&mut ebpf)?;
-    let id = prog
-        .attach(iface, XdpMode::Driver)
-        .with_context(|| format!("attach {PROGRAM} to {iface}"))?;
-    let link = prog
+    let (mut ebpf, id) = attach_link(iface)?;
+    let link = program(&mut ebpf)?
         .take_link(id)
         .with_context(|| format!("{PROGRAM} link on {iface}"))?;
     let link = FdLink::try_from(link).with_context(|| format!("{PROGRAM} link on {iface}"))?;
     link.pin(pin)
         .with_context(|| format!("pin the {PROGRAM} link at {}", pin.display()))?;
     Ok(())
+}
+
+/// The object loaded and its program attached to `iface`, with the link's id.
+fn attach_link(iface: &str) -> Result<(Ebpf, XdpLinkId)> {
+    let mut ebpf = load()?;
+    let id = program(&mut ebpf)?
+        .attach(iface, XdpMode::Driver)
+        .with_context(|| format!("attach {PROGRAM} to {iface}"))?;
+    Ok((ebpf, id))
 }

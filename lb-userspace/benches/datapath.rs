@@ -670,7 +670,7 @@ impl Setup {
         stats(self.root.pins())
     }
 
-    /// The map pinned as `name`, through the agent's typed openers.
+    /// The directory of this setup's pinned maps.
     fn pins(&self) -> PathBuf {
         pin_dir(self.root.pins())
     }

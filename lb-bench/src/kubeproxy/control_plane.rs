@@ -164,8 +164,11 @@ fn runs_ms(v: &[Duration]) -> Vec<f64> {
 fn marker_times(log: &str, marker: &str) -> Vec<SystemTime> {
     log.lines()
         .filter(|l| l.contains(marker))
-        .filter_map(|l| l.split_whitespace().next()?.parse::<jiff::Timestamp>().ok())
-        .map(SystemTime::from)
+        .filter_map(|l| {
+            l.split_whitespace()
+                .next()
+                .and_then(crate::time::parse_rfc3339)
+        })
         .collect()
 }
 

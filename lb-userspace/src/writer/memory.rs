@@ -170,19 +170,11 @@ impl MemoryMaps {
             };
             return Err(full(map, op));
         }
-        match op {
-            Op::PutMaglev {
-                service_id,
-                table,
-                size,
-            } => {
-                let n = (*size as usize).min(table.slots.len());
-                self.tables.insert(*service_id, table.slots[..n].to_vec());
-            }
-            Op::DeleteMaglev { service_id } => {
-                self.tables.remove(service_id);
-            }
-            _ => {}
+        if let Some((service_id, slots)) = op.maglev_slots() {
+            self.tables.insert(service_id, slots.to_vec());
+        }
+        if let Op::DeleteMaglev { service_id } = op {
+            self.tables.remove(service_id);
         }
         self.state.apply_op(op);
         Ok(())

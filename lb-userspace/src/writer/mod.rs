@@ -122,6 +122,24 @@ pub trait MapWriter {
     fn read_state(&self) -> crate::error::Result<MapState>;
 }
 
+impl Op {
+    /// A `PutMaglev`'s service id and the slots it writes (the table's
+    /// first `size`; the kernel value holds the full capacity).
+    pub fn maglev_slots(&self) -> Option<(u32, &[u32])> {
+        match self {
+            Op::PutMaglev {
+                service_id,
+                table,
+                size,
+            } => Some((
+                *service_id,
+                &table.slots[..(*size as usize).min(table.slots.len())],
+            )),
+            _ => None,
+        }
+    }
+}
+
 impl MapState {
     /// Applies `op` to this picture of the maps, exactly as a writer applies
     /// it to the maps themselves. The agent keeps its picture current this
@@ -135,14 +153,10 @@ impl MapState {
                     self.backends.insert(*id, *value);
                 }
             }
-            Op::PutMaglev {
-                service_id,
-                table,
-                size,
-            } => {
-                let n = (*size as usize).min(table.slots.len());
-                self.maglev
-                    .insert(*service_id, MaglevEntry::new(&table.slots[..n]));
+            Op::PutMaglev { .. } => {
+                if let Some((service_id, slots)) = op.maglev_slots() {
+                    self.maglev.insert(service_id, MaglevEntry::new(slots));
+                }
             }
             Op::PutFrontend { key, value } => {
                 self.frontends.insert(*key, *value);
