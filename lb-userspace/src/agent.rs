@@ -4,6 +4,12 @@
 //! manifests | Kubernetes ─▶ Objects ─translate─▶ Desired ─plan(current)─▶ [Op] ─apply─▶ maps
 //! ```
 //!
+//! Sources say which Services changed ([`Scope`]); only those are
+//! translated and planned again ([`crate::incremental`],
+//! [`crate::plan::plan_changes`]). Everything is translated and planned
+//! from scratch on start, after a failed write, and every
+//! `--full-resync-interval` as a safety net.
+//!
 //! On start the pinned maps are read back, so a restarted agent plans
 //! against what the datapath really holds, keeps service and backend ids,
 //! and (attached through pinned links) never leaves the interface without
@@ -26,11 +32,12 @@ use crate::{
     cli::RunArgs,
     error::{Error, Result},
     health::{HealthChecks, HttpLimits, HttpRuntime, Shared},
+    incremental::{Changed, DesiredState, Scope},
     loader::{Datapath, LoadOptions},
     metrics::{Metrics, Names, ReasonLabel, ResultLabel, StateLabel},
-    plan::{PlanConfig, plan},
+    plan::{PlanConfig, plan, plan_changes},
     source::{Objects, kube::KubeSource, manifests},
-    translate::{NodeContext, SkipReason, Skipped, TranslateOptions, translate_with},
+    translate::{NodeContext, SkipReason, Skipped, TranslateOptions},
     writer::{MapState, MapWriter, kernel::KernelMaps},
 };
 
@@ -63,11 +70,13 @@ pub fn host_addrs() -> Result<BTreeSet<Ipv4Addr>> {
 /// Everything one sync needs and updates. `W` is the map writer: the
 /// pinned maps in the agent, [`crate::writer::memory::MemoryMaps`] in tests.
 pub struct Pipeline<W = KernelMaps> {
-    node: NodeContext,
-    opts: TranslateOptions,
     cfg: PlanConfig,
     maps: W,
     current: MapState,
+    state: DesiredState,
+    /// The maps may not hold what the last plan says (first sync, failed
+    /// write): the next sync plans everything.
+    plan_all: bool,
     warned: BTreeSet<String>,
     shared: Arc<Shared>,
     health_checks: HealthChecks,
@@ -85,11 +94,11 @@ impl<W: MapWriter> Pipeline<W> {
     ) -> Result<Self> {
         let current = maps.read_state()?;
         Ok(Self {
-            node,
-            opts,
             cfg,
             maps,
             current,
+            state: DesiredState::new(node, opts),
+            plan_all: true,
             warned: BTreeSet::new(),
             shared,
             health_checks,
@@ -101,14 +110,26 @@ impl<W: MapWriter> Pipeline<W> {
         &self.maps
     }
 
-    /// Translates `objects`, plans against the maps and applies. Returns the
-    /// number of operations written. Objects that cannot be balanced are
-    /// left out, logged (once per message) and reported (`/skipped`,
-    /// `lb_skipped_service_ports`); everything else is synced. Fails only
-    /// when the maps cannot be written (the caller retries).
+    /// The desired state of the last sync.
+    pub fn desired(&self) -> &crate::model::Desired {
+        self.state.desired()
+    }
+
+    /// Syncs every object from scratch: `objects` is the whole set.
     pub fn sync(&mut self, objects: &Objects) -> Result<usize> {
+        self.update(&Scope::All, objects)
+    }
+
+    /// Translates the Services `scope` covers (`objects` holds every
+    /// object in scope), plans against the maps and applies.
+    /// Returns the number of operations written. Objects that cannot be
+    /// balanced are left out, logged (once per message) and reported
+    /// (`/skipped`, `lb_skipped_service_ports`); everything else is synced.
+    /// Fails only when the maps cannot be written (the caller retries,
+    /// and the next sync plans everything).
+    pub fn update(&mut self, scope: &Scope, objects: &Objects) -> Result<usize> {
         let started = Instant::now();
-        let r = self.sync_inner(objects);
+        let r = self.sync_inner(scope, objects);
         let m = &self.shared.metrics;
         m.sync_seconds.observe(started.elapsed().as_secs_f64());
         let result = if r.is_ok() { "ok" } else { "error" };
@@ -116,39 +137,61 @@ impl<W: MapWriter> Pipeline<W> {
         r
     }
 
-    fn sync_inner(&mut self, objects: &Objects) -> Result<usize> {
-        let tr = translate_with(objects, &self.node, &self.opts);
-        for w in &tr.warnings {
-            if self.warned.insert(w.clone()) {
+    fn sync_inner(&mut self, scope: &Scope, objects: &Objects) -> Result<usize> {
+        let changed = self.state.update(scope, objects);
+        for w in self.state.warnings() {
+            if !self.warned.contains(w) {
                 warn!("{w}");
+                self.warned.insert(w.clone());
             }
         }
-        for s in &tr.skipped {
+        let skipped = self.state.skipped();
+        for s in &skipped {
             let line = format!("{s} ({}: left out)", s.reason.name());
             if self.warned.insert(line.clone()) {
                 warn!("{line}");
             }
         }
-        self.report_skipped(&tr.skipped);
+        self.report_skipped(&skipped);
+        let desired = self.state.desired();
         // Cannot fail on the objects: translation leaves out what would
         // conflict or not fit. An error here is a bug, reported as a failed sync.
-        let ops = plan(&self.current, &tr.desired, &self.cfg)?;
+        let full = self.plan_all || matches!(changed, Changed::All);
+        let ops = match &changed {
+            _ if full => plan(&self.current, desired, &self.cfg)?,
+            Changed::Ports(before) => {
+                let previous = crate::model::Desired {
+                    services: before
+                        .iter()
+                        .filter_map(|(n, sp)| Some((n.clone(), sp.clone()?)))
+                        .collect(),
+                };
+                let names = before.keys().cloned().collect();
+                plan_changes(&self.current, desired, &previous, &names, &self.cfg)?
+            }
+            Changed::All => unreachable!("planned in full above"),
+        };
         if let Err(e) = self.maps.apply(&ops) {
-            // Part of the plan may be in the maps: read them back before the next try.
+            // Part of the plan may be in the maps: read them back, and plan
+            // everything next time.
+            self.plan_all = true;
             self.current = self.maps.read_state()?;
             return Err(e);
         }
+        self.plan_all = false;
         for op in &ops {
             self.current.apply_op(op);
         }
-        self.health_checks.update(&tr.desired);
-        self.publish(&tr.desired);
+        let desired = self.state.desired();
+        self.health_checks.update(desired);
+        self.publish(desired, if full { None } else { Some(&ops[..]) });
         info!(
-            services = tr.desired.services.len(),
-            skipped = tr.skipped.len(),
+            services = desired.services.len(),
+            skipped = skipped.len(),
             frontends = self.current.frontends.len(),
             backends = self.current.backends.len(),
             ops = ops.len(),
+            full,
             "synced"
         );
         Ok(ops.len())
@@ -177,18 +220,12 @@ impl<W: MapWriter> Pipeline<W> {
         }
     }
 
-    fn publish(&self, desired: &crate::model::Desired) {
+    /// Updates the gauges and the collector's names: from the whole state
+    /// after a full plan, from `ops` alone after a partial one.
+    fn publish(&self, desired: &crate::model::Desired, ops: Option<&[crate::writer::Op]>) {
         let m = &self.shared.metrics;
         let c = &self.current;
-        m.services.set(
-            c.maglev.len().max(
-                c.frontends
-                    .values()
-                    .map(|v| v.service_id)
-                    .collect::<BTreeSet<_>>()
-                    .len(),
-            ) as i64,
-        );
+        m.services.set(c.service_ids().count() as i64);
         m.frontends.set(c.frontends.len() as i64);
         for (state, code) in [
             ("active", lb_common::BACKEND_ACTIVE),
@@ -200,7 +237,10 @@ impl<W: MapWriter> Pipeline<W> {
                 .set(n as i64);
         }
         if let Ok(mut names) = m.names.write() {
-            *names = Names::of(desired, c);
+            match ops {
+                None => *names = Names::of(desired, c),
+                Some(ops) => names.apply(ops, c),
+            }
         }
     }
 }
@@ -273,6 +313,14 @@ fn spawn_gc(pin_dir: &std::path::Path, args: &RunArgs, shared: Arc<Shared>) -> R
         })
         .map_err(|e| Error::Datapath(format!("starting the garbage collector: {e}")))?;
     Ok(())
+}
+
+/// Every object, from the source (the last load of the manifests).
+fn full_update(source: &Source, last_objects: &Option<Objects>) -> Option<(Scope, Objects)> {
+    match source {
+        Source::Kube(src, _) => src.snapshot().map(|o| (Scope::All, o)),
+        Source::Manifests(_) => last_objects.clone().map(|o| (Scope::All, o)),
+    }
 }
 
 /// Where objects come from.
@@ -360,7 +408,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             return Err(e.into());
         }
     }
-    // The objects of the last sync: what a failed sync retries with (the
+    // The objects of the last load of the manifests: what a reload is
+    // compared with, and what a failed sync or a full resync uses (the
     // Kubernetes source hands out a fresh snapshot instead).
     let mut last_objects: Option<Objects> = None;
     let mut backoff = Backoff::default();
@@ -385,6 +434,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let resync_every = Duration::from_secs(args.full_resync_interval);
+    let mut next_resync = tokio::time::Instant::now() + resync_every;
     loop {
         let kube_changed = async {
             match &mut source {
@@ -398,8 +449,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 None => std::future::pending().await,
             }
         };
-        // Objects to sync now, if any.
-        let objects: Option<Objects> = tokio::select! {
+        let resync = async {
+            if resync_every.is_zero() {
+                std::future::pending().await
+            } else {
+                tokio::time::sleep_until(next_resync).await
+            }
+        };
+        // What to sync now, if anything.
+        let update: Option<(Scope, Objects)> = tokio::select! {
             _ = hup.recv() => {
                 let Source::Manifests(path) = &source else {
                     info!("SIGHUP ignored: the Kubernetes source needs no reload");
@@ -407,7 +465,20 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 };
                 info!(manifests = %path.display(), "SIGHUP: reloading");
                 match manifests::load(path) {
-                    Ok(objects) => Some(objects),
+                    Ok(objects) => {
+                        // Only the Services whose objects differ from the
+                        // last load are translated and planned again.
+                        let update = match &last_objects {
+                            Some(old) => {
+                                let keys = old.changed_services(&objects);
+                                let only = objects.only(&keys);
+                                (Scope::Services(keys), only)
+                            }
+                            None => (Scope::All, objects.clone()),
+                        };
+                        last_objects = Some(objects);
+                        Some(update)
+                    }
                     Err(e) => {
                         error!("reload rejected, keeping the last good state: {e}");
                         continue;
@@ -416,20 +487,24 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
             Some(()) = kube_changed => {
                 let Source::Kube(src, _) = &source else { continue };
-                src.snapshot()
+                src.take_update()
             }
             () = retry => {
                 retry_at = None;
-                match &source {
-                    Source::Kube(src, _) => src.snapshot(),
-                    Source::Manifests(_) => last_objects.take(),
-                }
+                full_update(&source, &last_objects)
+            }
+            () = resync => {
+                next_resync = tokio::time::Instant::now() + resync_every;
+                info!("full resync");
+                full_update(&source, &last_objects)
             }
             _ = term.recv() => { info!("SIGTERM"); break; }
             _ = int.recv() => { info!("SIGINT"); break; }
         };
-        let Some(objects) = objects else { continue };
-        match pipeline.sync(&objects) {
+        let Some((scope, objects)) = update else {
+            continue;
+        };
+        match pipeline.update(&scope, &objects) {
             Ok(_) => {
                 backoff.succeeded();
                 retry_at = None;
@@ -444,9 +519,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 error!("sync failed, trying again in {wait:?}: {e}");
                 retry_at = Some(tokio::time::Instant::now() + wait);
             }
-        }
-        if matches!(source, Source::Manifests(_)) {
-            last_objects = Some(objects);
         }
     }
     if args.keep_datapath_on_exit {

@@ -166,6 +166,12 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 5, value_name = "SECS")]
     pub gc_interval: u64,
 
+    /// Seconds between full resyncs: every object translated and every map
+    /// entry planned again, as a safety net under the per-change syncs
+    /// (which translate and plan only the Services that changed). 0: never.
+    #[arg(long, default_value_t = 300, value_name = "SECS")]
+    pub full_resync_interval: u64,
+
     /// Log filter (RUST_LOG syntax), e.g. `info` or `lb_userspace=debug`.
     #[arg(long, env = "LB_LOG", default_value = "info")]
     pub log_level: String,

@@ -91,6 +91,41 @@ impl Names {
     }
 }
 
+impl Names {
+    /// Follows `ops`, just applied to the maps that `state` pictures: the
+    /// names of the service ids and backends they wrote or removed.
+    pub fn apply(&mut self, ops: &[crate::writer::Op], state: &MapState) {
+        use crate::writer::Op;
+        // Names first: a plan writes backends before their service's name.
+        for op in ops {
+            match op {
+                Op::PutServiceName { service_id, name } => {
+                    self.services.insert(*service_id, name.clone());
+                }
+                Op::DeleteServiceName { service_id } => {
+                    self.services.remove(service_id);
+                }
+                _ => {}
+            }
+        }
+        for op in ops {
+            let id = match op {
+                Op::PutBackend { id, .. } | Op::FreeBackend { id } => *id,
+                _ => continue,
+            };
+            let named = state.backends.get(&id).and_then(|b| {
+                let service = self.services.get(&b.service_id)?.clone();
+                let addr = std::net::Ipv4Addr::from(b.addr);
+                Some((service, format!("{addr}:{}", u16::from_be(b.port_be))))
+            });
+            match named {
+                Some(n) => self.backends.insert(id, n),
+                None => self.backends.remove(&id),
+            };
+        }
+    }
+}
+
 /// Everything `/metrics` serves.
 pub struct Metrics {
     /// The registry encoded on each scrape.

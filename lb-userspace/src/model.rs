@@ -98,6 +98,14 @@ pub struct Frontend {
     pub kind: FrontendKind,
 }
 
+impl Frontend {
+    /// What makes two frontends the same destination: (address, port,
+    /// protocol), whatever declared them.
+    pub fn key(&self) -> (Ipv4Addr, u16, Proto) {
+        (self.addr, self.port, self.proto)
+    }
+}
+
 /// How a frontend was declared in the Service.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum FrontendKind {

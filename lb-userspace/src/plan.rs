@@ -38,7 +38,7 @@ use crate::error::{Error, Result};
 use crate::maglev;
 use crate::model::{
     BackendState, BalancingPolicy, Desired, Frontend, FrontendKind, Proto, ServicePort,
-    SessionAffinity, TrafficPolicy,
+    ServicePortName, SessionAffinity, TrafficPolicy,
 };
 use crate::writer::{MapState, Op, SrcRange};
 
@@ -103,22 +103,27 @@ fn kind_code(kind: FrontendKind) -> u8 {
     }
 }
 
-/// Hands out the smallest ids in `1..max` that are not taken, preferring ids
-/// never seen in the maps over ids being freed by this plan.
-struct IdPool {
+/// Hands out the smallest ids in `1..max` that nothing uses, preferring
+/// ids the maps do not hold at all over ids this plan frees.
+struct IdPool<I: Iterator<Item = u32>> {
     max: u32,
+    /// Ids this plan has given out or keeps.
     taken: BTreeSet<u32>,
-    /// Ids the current maps use; handed out only when nothing else is left.
-    in_maps: BTreeSet<u32>,
+    /// Ids the maps use, ascending.
+    used: std::iter::Peekable<I>,
+    /// Ids this plan may take back when nothing else is left (the ones it
+    /// frees), ascending.
+    reusable: BTreeSet<u32>,
     next_fresh: u32,
 }
 
-impl IdPool {
-    fn new(max: u32, taken: BTreeSet<u32>, in_maps: BTreeSet<u32>) -> Self {
+impl<I: Iterator<Item = u32>> IdPool<I> {
+    fn new(max: u32, taken: BTreeSet<u32>, used: I, reusable: BTreeSet<u32>) -> Self {
         Self {
             max,
             taken,
-            in_maps,
+            used: used.peekable(),
+            reusable,
             next_fresh: 1,
         }
     }
@@ -127,15 +132,25 @@ impl IdPool {
         while self.next_fresh < self.max {
             let id = self.next_fresh;
             self.next_fresh += 1;
-            if !self.taken.contains(&id) && !self.in_maps.contains(&id) {
-                self.taken.insert(id);
-                return Some(id);
+            while self.used.next_if(|&u| u < id).is_some() {}
+            if self.used.peek() == Some(&id) || !self.taken.insert(id) {
+                continue;
             }
+            return Some(id);
         }
-        let id = *self.in_maps.iter().find(|id| !self.taken.contains(id))?;
+        let id = *self.reusable.iter().find(|id| !self.taken.contains(id))?;
         self.taken.insert(id);
         Some(id)
     }
+}
+
+/// Which part of the maps a plan may change.
+enum Scope<'a> {
+    /// Everything: what the desired state does not name is removed.
+    All,
+    /// Only what belongs to these service ids; every other service is
+    /// left as it is.
+    Services(&'a BTreeSet<u32>),
 }
 
 /// Plans the operations that make `current` hold `desired`.
@@ -145,21 +160,16 @@ impl IdPool {
 /// frontend, or when the desired state does not fit in the maps.
 pub fn plan(current: &MapState, desired: &Desired, cfg: &PlanConfig) -> Result<Vec<Op>> {
     cfg.validate()?;
-    let size = cfg.maglev_size;
     // A service port without frontends is unreachable: nothing is written
     // for it (and it has no frontend to recover its id from).
-    let reachable = Desired {
-        services: desired
-            .services
-            .iter()
-            .filter(|(_, sp)| !sp.frontends.is_empty())
-            .map(|(n, sp)| (n.clone(), sp.clone()))
-            .collect(),
-    };
-    let desired = &reachable;
+    let services: Vec<(&ServicePortName, &ServicePort)> = desired
+        .services
+        .iter()
+        .filter(|(_, sp)| !sp.frontends.is_empty())
+        .collect();
 
     // Capacity checks first: all or nothing.
-    let n_services = desired.services.len();
+    let n_services = services.len();
     if n_services >= MAX_SERVICES as usize {
         return Err(Error::Capacity {
             what: "service ports",
@@ -167,7 +177,7 @@ pub fn plan(current: &MapState, desired: &Desired, cfg: &PlanConfig) -> Result<V
             max: MAX_SERVICES as usize - 1,
         });
     }
-    let n_frontends: usize = desired.services.values().map(|s| s.frontends.len()).sum();
+    let n_frontends: usize = services.iter().map(|(_, s)| s.frontends.len()).sum();
     if n_frontends > MAX_FRONTENDS as usize {
         return Err(Error::Capacity {
             what: "frontends",
@@ -175,7 +185,7 @@ pub fn plan(current: &MapState, desired: &Desired, cfg: &PlanConfig) -> Result<V
             max: MAX_FRONTENDS as usize,
         });
     }
-    let n_backends: usize = desired.services.values().map(|s| s.backends.len()).sum();
+    let n_backends: usize = services.iter().map(|(_, s)| s.backends.len()).sum();
     if n_backends >= MAX_BACKENDS as usize {
         return Err(Error::Capacity {
             what: "backends",
@@ -183,9 +193,78 @@ pub fn plan(current: &MapState, desired: &Desired, cfg: &PlanConfig) -> Result<V
             max: MAX_BACKENDS as usize - 1,
         });
     }
+    plan_scope(current, &services, Scope::All, cfg)
+}
+
+/// Plans the operations for the service ports in `changed` only: their
+/// entries in `desired` are what they must become (absent: removed), and
+/// `previous` is the desired state the maps were last planned to. Every
+/// other service port is assumed unchanged and costs nothing, so a change
+/// costs what the changed services hold.
+///
+/// The maps must hold what [`plan`] (or this) planned for `previous`: the
+/// agent plans from scratch on start, after a failed write and on a timer.
+/// Under that condition the result equals [`plan`]'s for the whole
+/// `desired` (a property test checks it).
+pub fn plan_changes(
+    current: &MapState,
+    desired: &Desired,
+    previous: &Desired,
+    changed: &BTreeSet<ServicePortName>,
+    cfg: &PlanConfig,
+) -> Result<Vec<Op>> {
+    cfg.validate()?;
+    let services: Vec<(&ServicePortName, &ServicePort)> = changed
+        .iter()
+        .filter_map(|n| desired.services.get_key_value(n))
+        .filter(|(_, sp)| !sp.frontends.is_empty())
+        .collect();
+    // The ids the changed service ports had or will take back: those their
+    // old and new frontends point to. (A frontend of a changed port held by
+    // an unchanged one would be claimed twice in `desired`, which
+    // translation never produces.)
+    let mut scope = BTreeSet::new();
+    for n in changed {
+        let sps = [previous.services.get(n), desired.services.get(n)];
+        for f in sps.into_iter().flatten().flat_map(|sp| &sp.frontends) {
+            if let Some(v) = current
+                .frontends
+                .get(&frontend_key(f.addr, f.port, f.proto))
+            {
+                scope.insert(v.service_id);
+            }
+        }
+    }
+    plan_scope(current, &services, Scope::Services(&scope), cfg)
+}
+
+fn plan_scope(
+    current: &MapState,
+    services: &[(&ServicePortName, &ServicePort)],
+    scope: Scope<'_>,
+    cfg: &PlanConfig,
+) -> Result<Vec<Op>> {
+    let size = cfg.maglev_size;
+    let n_services = services.len();
+    let n_backends: usize = services.iter().map(|(_, s)| s.backends.len()).sum();
+    // What the plan may change, as it stands in the maps.
+    let scope_sids: Vec<u32> = match scope {
+        Scope::All => current.service_ids().collect(),
+        Scope::Services(s) => s.iter().copied().collect(),
+    };
+    let scope_backends: Vec<(u32, &BackendV4)> = match scope {
+        Scope::All => current.backends.iter().map(|(&id, b)| (id, b)).collect(),
+        Scope::Services(_) => scope_sids
+            .iter()
+            .filter_map(|&sid| current.service(sid))
+            .flat_map(|r| r.backends.iter())
+            .filter_map(|id| Some((*id, current.backends.get(id)?)))
+            .collect(),
+    };
+
     // Each frontend key belongs to one service port.
-    let mut owner: BTreeMap<FrontendKeyV4, &crate::model::ServicePortName> = BTreeMap::new();
-    for (name, sp) in &desired.services {
+    let mut owner: BTreeMap<FrontendKeyV4, &ServicePortName> = BTreeMap::new();
+    for &(name, sp) in services {
         for f in &sp.frontends {
             let key = frontend_key(f.addr, f.port, f.proto);
             if let Some(other) = owner.insert(key, name) {
@@ -204,9 +283,8 @@ pub fn plan(current: &MapState, desired: &Desired, cfg: &PlanConfig) -> Result<V
     }
 
     // Service ids: vote by frontends, most votes first.
-    let names: Vec<_> = desired.services.keys().collect();
     let mut votes: Vec<(usize, u32, usize)> = Vec::new(); // (count, id, service index)
-    for (i, sp) in desired.services.values().enumerate() {
+    for (i, (_, sp)) in services.iter().enumerate() {
         let mut count: BTreeMap<u32, usize> = BTreeMap::new();
         for f in &sp.frontends {
             if let Some(v) = current
@@ -220,7 +298,7 @@ pub fn plan(current: &MapState, desired: &Desired, cfg: &PlanConfig) -> Result<V
         votes.extend(count.into_iter().map(|(id, c)| (c, id, i)));
     }
     votes.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
-    let mut sid_of: Vec<Option<u32>> = vec![None; names.len()];
+    let mut sid_of: Vec<Option<u32>> = vec![None; services.len()];
     let mut taken = BTreeSet::new();
     for (_, id, i) in votes {
         if sid_of[i].is_none() && !taken.contains(&id) {
@@ -228,14 +306,12 @@ pub fn plan(current: &MapState, desired: &Desired, cfg: &PlanConfig) -> Result<V
             taken.insert(id);
         }
     }
-    let sids_in_maps: BTreeSet<u32> = current
-        .frontends
-        .values()
-        .map(|v| v.service_id)
-        .chain(current.maglev.keys().copied())
-        .chain(current.backends.values().map(|b| b.service_id))
-        .collect();
-    let mut sid_pool = IdPool::new(MAX_SERVICES, taken, sids_in_maps);
+    let mut sid_pool = IdPool::new(
+        MAX_SERVICES,
+        taken,
+        current.service_ids(),
+        scope_sids.iter().copied().collect(),
+    );
     for sid in &mut sid_of {
         if sid.is_none() {
             // Cannot fail: fewer services than ids (checked above).
@@ -249,15 +325,15 @@ pub fn plan(current: &MapState, desired: &Desired, cfg: &PlanConfig) -> Result<V
 
     // Backend ids: reuse by (service id, addr, port).
     let mut current_be: BTreeMap<(u32, [u8; 4], u16), u32> = BTreeMap::new();
-    for (&id, b) in current.backends.iter().rev() {
+    for &(id, b) in scope_backends.iter().rev() {
         // Iterating in reverse leaves the smallest id for duplicates.
         current_be.insert((b.service_id, b.addr, b.port_be), id);
     }
     let mut want_be: BTreeMap<u32, BackendV4> = BTreeMap::new();
     // Per service: (sid, its backends in desired order as (id, name, active)).
-    let mut svc_be: Vec<Vec<(u32, String, bool)>> = Vec::with_capacity(names.len());
+    let mut svc_be: Vec<Vec<(u32, String, bool)>> = Vec::with_capacity(services.len());
     let mut new_be: Vec<(usize, usize, BackendV4)> = Vec::new(); // (service idx, backend idx, value)
-    for (i, sp) in desired.services.values().enumerate() {
+    for (i, (_, sp)) in services.iter().enumerate() {
         let sid = sid_of[i].unwrap_or_default();
         let mut list = Vec::new();
         for b in &sp.backends {
@@ -290,7 +366,8 @@ pub fn plan(current: &MapState, desired: &Desired, cfg: &PlanConfig) -> Result<V
     let mut be_pool = IdPool::new(
         MAX_BACKENDS,
         want_be.keys().copied().collect(),
-        current.backends.keys().copied().collect(),
+        current.backends.keys().copied(),
+        scope_backends.iter().map(|(id, _)| *id).collect(),
     );
     for (i, j, value) in new_be {
         let id = be_pool.take().ok_or(Error::Capacity {
@@ -309,13 +386,13 @@ pub fn plan(current: &MapState, desired: &Desired, cfg: &PlanConfig) -> Result<V
     let mut want_names: BTreeMap<u32, String> = BTreeMap::new();
     let mut want_fe: BTreeMap<FrontendKeyV4, ServiceValue> = BTreeMap::new();
     let mut want_ranges: BTreeSet<SrcRange> = BTreeSet::new();
-    for (i, sp) in desired.services.values().enumerate() {
+    for (i, (name, sp)) in services.iter().enumerate() {
         let sid = sid_of[i].unwrap_or_default();
         let active: Vec<&(u32, String, bool)> = svc_be[i].iter().filter(|b| b.2).collect();
         let has_table = !active.is_empty();
         want_names.insert(
             sid,
-            lb_common::ServiceName::new(&names[i].to_string())
+            lb_common::ServiceName::new(&name.to_string())
                 .as_str()
                 .to_owned(),
         );
@@ -364,6 +441,43 @@ pub fn plan(current: &MapState, desired: &Desired, cfg: &PlanConfig) -> Result<V
         }
     }
 
+    // What the maps hold in scope, to compare with what is wanted.
+    let cur_ranges: BTreeSet<SrcRange> = match scope {
+        Scope::All => current.src_ranges.clone(),
+        Scope::Services(_) => scope_sids
+            .iter()
+            .flat_map(|&sid| current.src_ranges_of(sid))
+            .copied()
+            .collect(),
+    };
+    let cur_frontends: Vec<FrontendKeyV4> = match scope {
+        Scope::All => current.frontends.keys().copied().collect(),
+        Scope::Services(_) => scope_sids
+            .iter()
+            .filter_map(|&sid| current.service(sid))
+            .flat_map(|r| r.frontends.iter().copied())
+            .collect(),
+    };
+    // The ids in scope among the keys of a map keyed by service id.
+    let keys_in_scope = |m: &dyn Fn(u32) -> bool, all: &mut dyn Iterator<Item = u32>| -> Vec<u32> {
+        match scope {
+            Scope::All => all.collect(),
+            Scope::Services(s) => s.iter().copied().filter(|&sid| m(sid)).collect(),
+        }
+    };
+    let cur_lists = keys_in_scope(
+        &|sid| current.backend_lists.contains_key(&sid),
+        &mut current.backend_lists.keys().copied(),
+    );
+    let cur_names = keys_in_scope(
+        &|sid| current.names.contains_key(&sid),
+        &mut current.names.keys().copied(),
+    );
+    let cur_tables = keys_in_scope(
+        &|sid| current.maglev.contains_key(&sid),
+        &mut current.maglev.keys().copied(),
+    );
+
     // Order: what a new flow may be sent to is written before anything
     // that points at it (new and promoted backends, then tables, lists and
     // frontends); a backend is demoted (active → terminating) only once no
@@ -404,7 +518,7 @@ pub fn plan(current: &MapState, desired: &Desired, cfg: &PlanConfig) -> Result<V
     }
     ops.extend(
         want_ranges
-            .difference(&current.src_ranges)
+            .difference(&cur_ranges)
             .map(|r| Op::PutSrcRange(*r)),
     );
     for (key, value) in &want_fe {
@@ -416,33 +530,32 @@ pub fn plan(current: &MapState, desired: &Desired, cfg: &PlanConfig) -> Result<V
         }
     }
     ops.extend(demotions);
-    for key in current.frontends.keys() {
+    for key in &cur_frontends {
         if !want_fe.contains_key(key) {
             ops.push(Op::DeleteFrontend { key: *key });
         }
     }
     ops.extend(
-        current
-            .src_ranges
+        cur_ranges
             .difference(&want_ranges)
             .map(|r| Op::DeleteSrcRange(*r)),
     );
-    for &service_id in current.backend_lists.keys() {
+    for service_id in cur_lists {
         if !want_lists.contains_key(&service_id) {
             ops.push(Op::DeleteBackendList { service_id });
         }
     }
-    for &service_id in current.names.keys() {
+    for service_id in cur_names {
         if !want_names.contains_key(&service_id) {
             ops.push(Op::DeleteServiceName { service_id });
         }
     }
-    for &service_id in current.maglev.keys() {
+    for service_id in cur_tables {
         if !want_tables.contains(&service_id) {
             ops.push(Op::DeleteMaglev { service_id });
         }
     }
-    for &id in current.backends.keys() {
+    for &(id, _) in &scope_backends {
         if !want_be.contains_key(&id) {
             ops.push(Op::FreeBackend { id });
         }
@@ -504,7 +617,7 @@ mod tests {
 
     #[test]
     fn id_pool_prefers_never_used_ids() {
-        let mut p = IdPool::new(6, [1].into(), [2, 3].into());
+        let mut p = IdPool::new(6, [1].into(), [2, 3].into_iter(), [2, 3].into());
         assert_eq!(p.take(), Some(4));
         assert_eq!(p.take(), Some(5));
         assert_eq!(p.take(), Some(2));

@@ -131,6 +131,28 @@ pub struct Capacity {
 }
 
 impl Capacity {
+    /// Nothing.
+    pub const ZERO: Capacity = Capacity {
+        service_ports: 0,
+        frontends: 0,
+        backends: 0,
+    };
+
+    /// Whether `self` fits in `cap`.
+    pub fn within(&self, cap: &Capacity) -> bool {
+        self.service_ports <= cap.service_ports
+            && self.frontends <= cap.frontends
+            && self.backends <= cap.backends
+    }
+
+    /// `self` + `other` (`sign` 1) or `self` − `other` (`sign` −1).
+    pub fn add(&mut self, other: &Capacity, sign: isize) {
+        let f = |a: &mut usize, b: usize| *a = a.saturating_add_signed(sign * b as isize);
+        f(&mut self.service_ports, other.service_ports);
+        f(&mut self.frontends, other.frontends);
+        f(&mut self.backends, other.backends);
+    }
+
     /// What the datapath maps hold (ids 0 of services and backends are
     /// reserved); [`crate::plan::plan`] refuses anything larger.
     pub const MAPS: Capacity = Capacity {
@@ -242,40 +264,100 @@ pub fn translate(objs: &Objects, node: &NodeContext) -> Result<Translation> {
 /// leaving out what cannot be balanced and reporting each part left out in
 /// [`Translation::skipped`]; everything else is translated.
 ///
-/// Services are taken oldest first (see [`older_first`]): when two claim
-/// one frontend, or the maps cannot hold them all, the newer one loses.
+/// Each Service is translated on its own ([`translate_service`]), then the
+/// Services are admitted oldest first (see [`older_first`] and [`Arbiter`]):
+/// when two claim one frontend, or the maps cannot hold them all, the newer
+/// one loses. [`crate::incremental::DesiredState`] keeps the same result
+/// current from the Services that changed.
 pub fn translate_with(objs: &Objects, node: &NodeContext, opts: &TranslateOptions) -> Translation {
-    let mut slices: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
-    for slice in &objs.slices {
-        let labels = slice.metadata.labels.as_ref();
-        if let Some(svc) = labels.and_then(|l| l.get(LABEL_SERVICE_NAME)) {
-            let ns = slice.metadata.namespace.as_deref().unwrap_or_default();
-            slices.entry((ns, svc.as_str())).or_default().push(slice);
+    let slices = slices_by_service(&objs.slices);
+    let mut services: Vec<ServiceTranslation> = objs
+        .services
+        .iter()
+        .map(|svc| {
+            let key = ServiceKey::of(svc);
+            let own = slices.get(&key).map(Vec::as_slice).unwrap_or_default();
+            translate_service(svc, own, objs, node, opts)
+        })
+        .collect();
+    services.sort_by(|a, b| a.order.cmp(&b.order));
+    let mut arbiter = Arbiter::new(opts.capacity);
+    let mut out = Translation::default();
+    for t in &services {
+        out.warnings.extend(t.warnings.iter().cloned());
+        out.skipped.extend(t.skipped.iter().cloned());
+        let (admitted, skipped) = arbiter.admit(t);
+        out.skipped.extend(skipped);
+        out.desired.services.extend(admitted);
+    }
+    out
+}
+
+/// Names a Service, and the EndpointSlices labelled with it: (namespace, name).
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceKey {
+    /// `metadata.namespace`.
+    pub namespace: String,
+    /// `metadata.name`.
+    pub name: String,
+}
+
+impl ServiceKey {
+    /// The key of `svc`.
+    pub fn of(svc: &Service) -> Self {
+        Self {
+            namespace: svc.metadata.namespace.clone().unwrap_or_default(),
+            name: svc.metadata.name.clone().unwrap_or_default(),
         }
     }
-    let mut services: Vec<&Service> = objs.services.iter().collect();
-    services.sort_by(|a, b| older_first(a, b));
 
-    let mut st = State {
-        out: Translation::default(),
-        claims: BTreeMap::new(),
-        used: Capacity {
-            service_ports: 0,
-            frontends: 0,
-            backends: 0,
-        },
-        slice_problems: BTreeMap::new(),
-    };
-    for svc in services {
-        let obj = ObjectRef::service(svc);
-        let svc_slices = slices
-            .get(&(obj.namespace.as_str(), obj.name.as_str()))
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        translate_service(svc, &obj, svc_slices, objs, node, opts, &mut st);
+    /// The Service `slice` belongs to (its `kubernetes.io/service-name`
+    /// label, in its namespace), if labelled.
+    pub fn of_slice(slice: &EndpointSlice) -> Option<Self> {
+        let labels = slice.metadata.labels.as_ref()?;
+        Some(Self {
+            namespace: slice.metadata.namespace.clone().unwrap_or_default(),
+            name: labels.get(LABEL_SERVICE_NAME)?.clone(),
+        })
     }
-    st.out.skipped.extend(st.slice_problems.into_values());
-    st.out
+}
+
+impl std::fmt::Display for ServiceKey {
+    /// `namespace/name`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// The EndpointSlices of each Service.
+pub fn slices_by_service(slices: &[EndpointSlice]) -> BTreeMap<ServiceKey, Vec<&EndpointSlice>> {
+    let mut out: BTreeMap<ServiceKey, Vec<&EndpointSlice>> = BTreeMap::new();
+    for slice in slices {
+        if let Some(key) = ServiceKey::of_slice(slice) {
+            out.entry(key).or_default().push(slice);
+        }
+    }
+    out
+}
+
+/// Where a Service stands in [`older_first`] order: (no creation time,
+/// creation time, namespace, name).
+pub type OrderKey = (
+    bool,
+    Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    String,
+    String,
+);
+
+/// The [`older_first`] key of `svc`.
+pub fn order_key(svc: &Service) -> OrderKey {
+    let created = svc.metadata.creation_timestamp.as_ref();
+    (
+        created.is_none(),
+        created.cloned(),
+        svc.metadata.namespace.clone().unwrap_or_default(),
+        svc.metadata.name.clone().unwrap_or_default(),
+    )
 }
 
 /// The order in which Services claim frontends and capacity: the older
@@ -284,31 +366,184 @@ pub fn translate_with(objs: &Objects, node: &NodeContext, opts: &TranslateOption
 /// every node (and every sync) picks the same winner, and a Service created
 /// later can never take a frontend from one that already has it.
 pub fn older_first(a: &Service, b: &Service) -> std::cmp::Ordering {
-    let key = |s: &Service| {
-        let created = s.metadata.creation_timestamp.as_ref();
-        (
-            created.is_none(),
-            created.cloned(),
-            s.metadata.namespace.clone().unwrap_or_default(),
-            s.metadata.name.clone().unwrap_or_default(),
-        )
-    };
-    key(a).cmp(&key(b))
+    order_key(a).cmp(&order_key(b))
 }
 
-/// What translation accumulates over the Services.
-struct State {
-    out: Translation,
-    /// Which service port holds each (addr, port, proto).
-    claims: BTreeMap<(Ipv4Addr, u16, Proto), ServicePortName>,
-    /// What the service ports admitted so far take of the maps.
+/// A frontend's identity as claimed: (address, port, protocol).
+pub type ClaimKey = (Ipv4Addr, u16, Proto);
+
+/// One Service translated on its own, before it is weighed against the
+/// others: what it asks for and what of it is invalid. A function of the
+/// Service, its EndpointSlices and the node only, so it can be kept until
+/// one of those changes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServiceTranslation {
+    /// Its place in [`older_first`] order.
+    pub order: OrderKey,
+    /// Its service ports that translate, in `spec.ports` order.
+    pub ports: Vec<PortCandidate>,
+    /// What of it is invalid or refused on its own.
+    pub skipped: Vec<Skipped>,
+    /// Things left out that a user may want to know about.
+    pub warnings: Vec<String>,
+}
+
+impl ServiceTranslation {
+    /// Every frontend its ports ask for.
+    pub fn claim_keys(&self) -> impl Iterator<Item = ClaimKey> + '_ {
+        self.ports
+            .iter()
+            .flat_map(|p| p.claims.iter().map(|c| c.frontend.key()))
+    }
+
+    /// What its ports would take of the maps if all were admitted.
+    pub fn wants(&self) -> Capacity {
+        let mut c = Capacity::ZERO;
+        for p in self.ports.iter().filter(|p| !p.claims.is_empty()) {
+            c.service_ports += 1;
+            c.frontends += p.claims.len();
+            c.backends += p.port.backends.len();
+        }
+        c
+    }
+}
+
+/// One service port before arbitration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PortCandidate {
+    /// Its name.
+    pub name: ServicePortName,
+    /// `spec.ports[index]`.
+    index: usize,
+    /// The frontends it asks for, each once (the first declaration wins),
+    /// in declaration order.
+    claims: Vec<Claim>,
+    /// The service port, without frontends until admitted.
+    port: ServicePort,
+    /// The Service, and the file it came from, for reports.
+    object: String,
+    file: Option<std::path::PathBuf>,
+}
+
+impl PortCandidate {
+    fn skip(&self, reason: SkipReason, (field, message): Bad) -> Skipped {
+        Skipped {
+            reason,
+            part: SkippedPart::ServicePorts,
+            object: self.object.clone(),
+            file: self.file.clone(),
+            field,
+            message,
+            service_ports: vec![self.name.to_string()],
+        }
+    }
+}
+
+/// Admits service ports in [`older_first`] order: a port whose frontend an
+/// earlier port holds is left out whole (so that it never half-works), and
+/// so is one that would not fit in the maps.
+#[derive(Clone, Debug)]
+pub struct Arbiter {
+    capacity: Capacity,
+    /// Which admitted service port holds each frontend.
+    claims: BTreeMap<ClaimKey, ServicePortName>,
+    /// What the admitted service ports take of the maps.
     used: Capacity,
-    /// Invalid EndpointSlice fields, by (object, field): reported once
-    /// whichever service ports read them.
-    slice_problems: BTreeMap<(String, String), Skipped>,
+}
+
+impl Arbiter {
+    /// Nothing admitted yet; at most `capacity`.
+    pub fn new(capacity: Capacity) -> Self {
+        Self {
+            capacity,
+            claims: BTreeMap::new(),
+            used: Capacity::ZERO,
+        }
+    }
+
+    /// Admits what of `t` does not collide with what is already admitted
+    /// and fits; returns the admitted service ports and the ports left out.
+    pub fn admit(
+        &mut self,
+        t: &ServiceTranslation,
+    ) -> (Vec<(ServicePortName, ServicePort)>, Vec<Skipped>) {
+        let mut admitted = Vec::new();
+        let mut skipped = Vec::new();
+        for c in &t.ports {
+            let conflict = c.claims.iter().find_map(|cl| {
+                let f = cl.frontend;
+                self.claims.get(&f.key()).map(|owner| {
+                    (
+                        cl.field.clone(),
+                        format!(
+                            "frontend {}:{}/{} is already used by {owner}",
+                            f.addr, f.port, f.proto
+                        ),
+                    )
+                })
+            });
+            if let Some(bad) = conflict {
+                skipped.push(c.skip(SkipReason::FrontendConflict, bad));
+                continue;
+            }
+            let n_frontends = c.claims.len();
+            let n_backends = c.port.backends.len();
+            // A port without frontends is not written (plan leaves it out),
+            // so it takes no capacity.
+            if n_frontends > 0 {
+                let cap = &self.capacity;
+                let fits = self.used.service_ports < cap.service_ports
+                    && self.used.frontends + n_frontends <= cap.frontends
+                    && self.used.backends + n_backends <= cap.backends;
+                if !fits {
+                    let bad = (
+                        format!("spec.ports[{}]", c.index),
+                        format!(
+                            "does not fit in the maps (at most {} service ports, {} frontends, \
+                             {} backends); the newest services are left out",
+                            cap.service_ports, cap.frontends, cap.backends
+                        ),
+                    );
+                    skipped.push(c.skip(SkipReason::Capacity, bad));
+                    continue;
+                }
+                self.used.service_ports += 1;
+                self.used.frontends += n_frontends;
+                self.used.backends += n_backends;
+            }
+            let mut port = c.port.clone();
+            for cl in &c.claims {
+                self.claims.insert(cl.frontend.key(), c.name.clone());
+                port.frontends.insert(cl.frontend);
+            }
+            admitted.push((c.name.clone(), port));
+        }
+        (admitted, skipped)
+    }
+
+    /// Gives back what `admitted` (returned by [`Arbiter::admit`]) holds,
+    /// so that its Service can be admitted again.
+    pub fn release<'a>(
+        &mut self,
+        admitted: impl IntoIterator<Item = (&'a ServicePortName, &'a ServicePort)>,
+    ) {
+        for (name, sp) in admitted {
+            for f in &sp.frontends {
+                if self.claims.get(&f.key()) == Some(name) {
+                    self.claims.remove(&f.key());
+                }
+            }
+            if !sp.frontends.is_empty() {
+                self.used.service_ports -= 1;
+                self.used.frontends -= sp.frontends.len();
+                self.used.backends -= sp.backends.len();
+            }
+        }
+    }
 }
 
 /// Where a frontend came from, for reports.
+#[derive(Clone, Debug, PartialEq)]
 struct Claim {
     frontend: Frontend,
     field: String,
@@ -342,23 +577,32 @@ enum Exposure {
     LoadBalancer,
 }
 
-fn translate_service(
+/// Translates one Service with its EndpointSlices (`slices`), on its own:
+/// every field checked, every frontend it asks for, every backend. Whether
+/// its frontends are free and whether it fits is the [`Arbiter`]'s call.
+pub fn translate_service(
     svc: &Service,
-    obj: &ObjectRef,
     slices: &[&EndpointSlice],
     objs: &Objects,
     node: &NodeContext,
     opts: &TranslateOptions,
-    st: &mut State,
-) {
+) -> ServiceTranslation {
+    let obj = ObjectRef::service(svc);
+    let mut out = ServiceTranslation {
+        order: order_key(svc),
+        ports: Vec::new(),
+        skipped: Vec::new(),
+        warnings: Vec::new(),
+    };
     let labels = svc.metadata.labels.as_ref();
     if labels.is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME)) {
         tracing::debug!("{obj}: skipped (label {LABEL_SERVICE_PROXY_NAME})");
-        return;
+        return out;
     }
     let Some(spec) = &svc.spec else {
-        return;
+        return out;
     };
+    let file = objs.origin(&obj).map(std::path::Path::to_path_buf);
     let ports = spec.ports.as_deref().unwrap_or_default();
     let spn_of = |port_name: &str| ServicePortName {
         namespace: obj.namespace.clone(),
@@ -381,7 +625,7 @@ fn translate_service(
         reason,
         part,
         object: obj.to_string(),
-        file: objs.origin(obj).map(std::path::Path::to_path_buf),
+        file: file.clone(),
         field,
         message,
         service_ports,
@@ -389,10 +633,10 @@ fn translate_service(
 
     let has_external_ips = spec.external_ips.as_ref().is_some_and(|v| !v.is_empty());
     let exposure = match spec.type_.as_deref() {
-        Some("ExternalName") => return,
+        Some("ExternalName") => return out,
         // Reached through externalIPs only, as kube-proxy serves them.
         None | Some("ClusterIP") if has_external_ips => Exposure::ExternalIps,
-        None | Some("ClusterIP") => return,
+        None | Some("ClusterIP") => return out,
         Some("NodePort") => Exposure::NodePort,
         Some("LoadBalancer") => Exposure::LoadBalancer,
         Some(other) => {
@@ -408,16 +652,16 @@ fn translate_service(
                 bad,
                 all_ports,
             );
-            st.out.skipped.push(s);
-            return;
+            out.skipped.push(s);
+            return out;
         }
     };
     if spec.cluster_ip.as_deref() == Some("None") {
         tracing::debug!("{obj}: skipped (headless)");
-        return;
+        return out;
     }
 
-    let common = match service_common(svc, obj, exposure, &mut st.out.warnings) {
+    let common = match service_common(svc, &obj, exposure, &mut out.warnings) {
         Ok(c) => c,
         Err(bad) => {
             let s = report(
@@ -426,8 +670,8 @@ fn translate_service(
                 bad,
                 all_ports,
             );
-            st.out.skipped.push(s);
-            return;
+            out.skipped.push(s);
+            return out;
         }
     };
     // An externalIP that is one of this node's addresses would let any
@@ -450,43 +694,45 @@ fn translate_service(
                 bad,
                 all_ports.clone(),
             );
-            st.out.skipped.push(s);
+            out.skipped.push(s);
         } else {
             external_ips.push((addr, field));
         }
     }
 
+    // Invalid EndpointSlice fields, by (object, field): reported once
+    // whichever service ports read them.
+    let mut slice_problems: BTreeMap<(String, String), Skipped> = BTreeMap::new();
     let mut seen_names = BTreeSet::new();
     for (i, p) in ports.iter().enumerate() {
         let port_name = p.name.clone().unwrap_or_default();
         let spn = spn_of(&port_name);
-        let skip_port = |st: &mut State, reason, bad: Bad| {
+        let skip_port = |out: &mut ServiceTranslation, bad: Bad| {
             let s = report(
-                reason,
+                SkipReason::Invalid,
                 SkippedPart::ServicePorts,
                 bad,
                 vec![spn.to_string()],
             );
-            st.out.skipped.push(s);
+            out.skipped.push(s);
         };
         if !seen_names.insert(port_name.clone()) {
             let bad = (
                 format!("spec.ports[{i}].name"),
                 format!("{port_name:?} is used by two ports"),
             );
-            skip_port(st, SkipReason::Invalid, bad);
+            skip_port(&mut out, bad);
             continue;
         }
         let (proto, port, node_port) = match port_fields(i, p, exposure, spec) {
             Ok(Some(f)) => f,
             Ok(None) => {
-                st.out
-                    .warnings
+                out.warnings
                     .push(format!("{spn}: SCTP is not supported; port skipped"));
                 continue;
             }
             Err(bad) => {
-                skip_port(st, SkipReason::Invalid, bad);
+                skip_port(&mut out, bad);
                 continue;
             }
         };
@@ -522,33 +768,19 @@ fn translate_service(
             }
         }
         // A frontend declared twice by this port (e.g. an external IP that
-        // is also the LB IP): the first declaration wins. One held by a
-        // service port taken earlier (older, see `older_first`): this port
-        // loses, whole, so that it never half-works.
-        let mut mine: BTreeMap<(Ipv4Addr, u16, Proto), Frontend> = BTreeMap::new();
-        let mut conflict = None;
-        for Claim { frontend: f, field } in wanted {
-            let key = (f.addr, f.port, f.proto);
-            if let Some(owner) = st.claims.get(&key) {
-                conflict = Some((
-                    field,
-                    format!(
-                        "frontend {}:{}/{} is already used by {owner}",
-                        f.addr, f.port, f.proto
-                    ),
-                ));
-                break;
-            }
-            mine.entry(key).or_insert(f);
-        }
-        if let Some(bad) = conflict {
-            skip_port(st, SkipReason::FrontendConflict, bad);
-            continue;
-        }
-        let frontends: BTreeSet<Frontend> = mine.values().copied().collect();
+        // is also the LB IP): the first declaration wins.
+        let mut keys = BTreeSet::new();
+        wanted.retain(|c| keys.insert(c.frontend.key()));
 
-        let (mut backends, mut terminating_fallback) =
-            backends_of(p.name.as_deref(), proto, slices, objs, node, &spn, st);
+        let (mut backends, mut terminating_fallback) = backends_of(
+            p.name.as_deref(),
+            proto,
+            slices,
+            objs,
+            node,
+            &spn,
+            &mut slice_problems,
+        );
         if common.traffic_policy == TrafficPolicy::Local {
             // Only this node's endpoints; the KEP-1669 fallback applies
             // among them (kube-proxy's behaviour for eTP Local).
@@ -566,37 +798,12 @@ fn translate_service(
                     .collect();
             }
         }
-
-        // A port without frontends is not written (plan leaves it out), so
-        // it takes no capacity.
-        if !frontends.is_empty() {
-            let cap = &opts.capacity;
-            let fits = st.used.service_ports < cap.service_ports
-                && st.used.frontends + frontends.len() <= cap.frontends
-                && st.used.backends + backends.len() <= cap.backends;
-            if !fits {
-                let bad = (
-                    format!("spec.ports[{i}]"),
-                    format!(
-                        "does not fit in the maps (at most {} service ports, {} frontends, \
-                         {} backends); the newest services are left out",
-                        cap.service_ports, cap.frontends, cap.backends
-                    ),
-                );
-                skip_port(st, SkipReason::Capacity, bad);
-                continue;
-            }
-            st.used.service_ports += 1;
-            st.used.frontends += frontends.len();
-            st.used.backends += backends.len();
-        }
-        for f in &frontends {
-            st.claims.insert((f.addr, f.port, f.proto), spn.clone());
-        }
-        st.out.desired.services.insert(
-            spn,
-            ServicePort {
-                frontends,
+        out.ports.push(PortCandidate {
+            name: spn,
+            index: i,
+            claims: wanted,
+            port: ServicePort {
+                frontends: BTreeSet::new(),
                 backends,
                 affinity: common.affinity,
                 traffic_policy: common.traffic_policy,
@@ -605,8 +812,12 @@ fn translate_service(
                 terminating_fallback,
                 health_check_node_port: common.health_check_node_port,
             },
-        );
+            object: obj.to_string(),
+            file: file.clone(),
+        });
     }
+    out.skipped.extend(slice_problems.into_values());
+    out
 }
 
 /// The Service-wide fields. An invalid one leaves the whole Service out:
@@ -785,7 +996,7 @@ enum Condition {
 /// The backends of service port `spn`, merged over its slices, and whether
 /// they are the serving-and-terminating fallback (no endpoint ready). An
 /// invalid slice port or endpoint address is left out and reported (once,
-/// in `st.slice_problems`); the rest of the slice is used.
+/// in `problems`); the rest of the slice is used.
 fn backends_of(
     port_name: Option<&str>,
     proto: Proto,
@@ -793,7 +1004,7 @@ fn backends_of(
     objs: &Objects,
     node: &NodeContext,
     spn: &ServicePortName,
-    st: &mut State,
+    problems: &mut BTreeMap<(String, String), Skipped>,
 ) -> (BTreeSet<Backend>, bool) {
     let mut merged: BTreeMap<(Ipv4Addr, u16), (Condition, Option<String>)> = BTreeMap::new();
     for slice in slices {
@@ -802,8 +1013,7 @@ fn backends_of(
         }
         let obj = ObjectRef::slice(slice);
         let mut problem = |field: String, message: String| {
-            let s = st
-                .slice_problems
+            let s = problems
                 .entry((obj.to_string(), field.clone()))
                 .or_insert_with(|| Skipped {
                     reason: SkipReason::Invalid,

@@ -3,6 +3,11 @@
 //! into map operations through the same translation and planner as the
 //! manifests source.
 //!
+//! Each watch event marks the Service it touches (an EndpointSlice's, by
+//! its `kubernetes.io/service-name` label, before and after); a re-list
+//! marks everything. [`KubeSource::take_update`] hands out the marked
+//! Services' objects, so a change costs what it touches.
+//!
 //! Sync discipline: [`KubeSource::snapshot`] returns `None` until every kind
 //! has completed its initial list, so a restarted agent deletes nothing
 //! before it has seen the whole cluster. While the API server is unreachable
@@ -10,7 +15,12 @@
 //! with a short backoff (at most 5 s) and, after a `410 Gone`, re-list; a reflector swaps in a
 //! re-listed store only when the list is complete.
 
-use std::{path::Path, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeSet, HashMap},
+    path::Path,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use futures::{FutureExt, StreamExt, stream::BoxStream};
 use k8s_openapi::api::{
@@ -32,6 +42,8 @@ use tracing::{debug, warn};
 
 use super::Objects;
 use crate::error::{Error, Result};
+use crate::incremental::Scope;
+use crate::translate::ServiceKey;
 
 /// Label that hands a Service to another proxy (kube-proxy skips those too).
 const PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
@@ -104,6 +116,59 @@ pub struct KubeSource {
     services: Store<Service>,
     slices: Store<EndpointSlice>,
     node: Store<Node>,
+    dirty: Arc<Mutex<Dirty>>,
+}
+
+/// What changed since the agent last took an update.
+#[derive(Debug, Default)]
+struct Dirty {
+    /// Everything (a re-list, or nothing taken yet).
+    all: bool,
+    services: BTreeSet<ServiceKey>,
+    /// EndpointSlice (namespace, name) → the Service it was last labelled
+    /// with, so that a relabelled slice marks both Services.
+    slice_owner: HashMap<(String, String), ServiceKey>,
+}
+
+impl Dirty {
+    fn service(&mut self, ev: &watcher::Event<Service>) {
+        match ev {
+            watcher::Event::Apply(s) | watcher::Event::Delete(s) => {
+                self.services.insert(ServiceKey::of(s));
+            }
+            watcher::Event::InitDone => self.all = true,
+            watcher::Event::Init | watcher::Event::InitApply(_) => {}
+        }
+    }
+
+    fn slice(&mut self, ev: &watcher::Event<EndpointSlice>) {
+        let id = |s: &EndpointSlice| {
+            (
+                s.metadata.namespace.clone().unwrap_or_default(),
+                s.metadata.name.clone().unwrap_or_default(),
+            )
+        };
+        match ev {
+            watcher::Event::Apply(s) | watcher::Event::InitApply(s) => {
+                let new = ServiceKey::of_slice(s);
+                let old = match &new {
+                    Some(k) => self.slice_owner.insert(id(s), k.clone()),
+                    None => self.slice_owner.remove(&id(s)),
+                };
+                // A re-list marks everything at its end.
+                if matches!(ev, watcher::Event::Apply(_)) {
+                    self.services.extend(old);
+                    self.services.extend(new);
+                }
+            }
+            watcher::Event::Delete(s) => {
+                self.services.extend(self.slice_owner.remove(&id(s)));
+                self.services.extend(ServiceKey::of_slice(s));
+            }
+            watcher::Event::InitDone => self.all = true,
+            watcher::Event::Init => {}
+        }
+    }
 }
 
 impl KubeSource {
@@ -120,15 +185,28 @@ impl KubeSource {
             watcher::Config::default().labels(&format!("!{PROXY_NAME_LABEL},!{HEADLESS_LABEL}"));
         let node_cfg = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
 
+        let dirty = Arc::new(Mutex::new(Dirty {
+            all: true,
+            ..Default::default()
+        }));
+        // Marks what an event touched (after the reflector applied it to
+        // its store, so a taken update always sees it).
         fn kind<K>(
             name: &'static str,
             s: impl futures::Stream<Item = watcher::Result<watcher::Event<K>>> + Send + 'static,
+            dirty: Arc<Mutex<Dirty>>,
+            mark: fn(&mut Dirty, &watcher::Event<K>),
         ) -> BoxStream<'static, (&'static str, std::result::Result<(), String>)>
         where
             K: Send + 'static,
         {
-            s.map(move |r| (name, r.map(|_| ()).map_err(|e| e.to_string())))
-                .boxed()
+            s.map(move |r| {
+                if let (Ok(ev), Ok(mut d)) = (&r, dirty.lock()) {
+                    mark(&mut d, ev);
+                }
+                (name, r.map(|_| ()).map_err(|e| e.to_string()))
+            })
+            .boxed()
         }
         let streams = vec![
             kind(
@@ -138,6 +216,8 @@ impl KubeSource {
                     watcher(Api::<Service>::all(client.clone()), svc_cfg),
                 )
                 .backoff(WatchBackoff::new()),
+                dirty.clone(),
+                Dirty::service,
             ),
             kind(
                 "EndpointSlice",
@@ -146,11 +226,16 @@ impl KubeSource {
                     watcher(Api::<EndpointSlice>::all(client.clone()), eps_cfg),
                 )
                 .backoff(WatchBackoff::new()),
+                dirty.clone(),
+                Dirty::slice,
             ),
             kind(
                 "Node",
                 reflector::reflector(node_writer, watcher(Api::<Node>::all(client), node_cfg))
                     .backoff(WatchBackoff::new()),
+                dirty.clone(),
+                // The Node is not translated: nothing to mark.
+                |_, _| {},
             ),
         ];
         let (tx, rx) = mpsc::channel(1);
@@ -185,6 +270,7 @@ impl KubeSource {
                 services: svc_store,
                 slices: eps_store,
                 node: node_store,
+                dirty,
             },
             rx,
         )
@@ -218,6 +304,45 @@ impl KubeSource {
             slices: owned(self.slices.state()),
             origins: Default::default(),
         })
+    }
+
+    /// The objects of what changed since the last call, or `None` before
+    /// every kind has been listed. The first update after the lists, and
+    /// the first after a re-list, is everything.
+    pub fn take_update(&self) -> Option<(Scope, Objects)> {
+        if !self.ready() {
+            return None;
+        }
+        let taken = {
+            let mut d = self.dirty.lock().ok()?;
+            let all = std::mem::take(&mut d.all);
+            (all, std::mem::take(&mut d.services))
+        };
+        let (all, keys) = taken;
+        if all {
+            return Some((Scope::All, self.snapshot()?));
+        }
+        let services = keys
+            .iter()
+            .filter_map(|k| {
+                let r = reflector::ObjectRef::new(&k.name).within(&k.namespace);
+                self.services.get(&r)
+            })
+            .map(|s| (*s).clone())
+            .collect();
+        let slices = self
+            .slices
+            .state()
+            .into_iter()
+            .filter(|s| ServiceKey::of_slice(s).is_some_and(|k| keys.contains(&k)))
+            .map(|s| (*s).clone())
+            .collect();
+        let objects = Objects {
+            services,
+            slices,
+            origins: Default::default(),
+        };
+        Some((Scope::Services(keys), objects))
     }
 
     /// This node's Node object, if the API server has one.

@@ -5,8 +5,12 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use std::collections::BTreeSet;
+
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use crate::translate::ServiceKey;
 
 pub mod kube;
 pub mod manifests;
@@ -27,6 +31,72 @@ impl Objects {
     /// The file `obj` was read from, if it came from one.
     pub fn origin(&self, obj: &ObjectRef) -> Option<&Path> {
         self.origins.get(obj).map(PathBuf::as_path)
+    }
+
+    /// The objects of the Services `keys`: those Services and every
+    /// EndpointSlice labelled with one of them.
+    pub fn only(&self, keys: &BTreeSet<ServiceKey>) -> Objects {
+        let services: Vec<Service> = self
+            .services
+            .iter()
+            .filter(|s| keys.contains(&ServiceKey::of(s)))
+            .cloned()
+            .collect();
+        let slices: Vec<EndpointSlice> = self
+            .slices
+            .iter()
+            .filter(|s| ServiceKey::of_slice(s).is_some_and(|k| keys.contains(&k)))
+            .cloned()
+            .collect();
+        let refs: BTreeSet<ObjectRef> = services
+            .iter()
+            .map(ObjectRef::service)
+            .chain(slices.iter().map(ObjectRef::slice))
+            .collect();
+        let origins = self
+            .origins
+            .iter()
+            .filter(|(r, _)| refs.contains(r))
+            .map(|(r, p)| (r.clone(), p.clone()))
+            .collect();
+        Objects {
+            services,
+            slices,
+            origins,
+        }
+    }
+
+    /// The Services whose objects differ between `self` and `newer`: the
+    /// Service itself, one of its EndpointSlices, or the file one was read
+    /// from.
+    pub fn changed_services(&self, newer: &Objects) -> BTreeSet<ServiceKey> {
+        type Parts<'a> = (
+            Option<(&'a Service, Option<&'a Path>)>,
+            BTreeMap<String, (&'a EndpointSlice, Option<&'a Path>)>,
+        );
+        fn parts(o: &Objects) -> BTreeMap<ServiceKey, Parts<'_>> {
+            let mut out: BTreeMap<ServiceKey, Parts<'_>> = BTreeMap::new();
+            for s in &o.services {
+                out.entry(ServiceKey::of(s)).or_default().0 =
+                    Some((s, o.origin(&ObjectRef::service(s))));
+            }
+            for s in &o.slices {
+                if let Some(k) = ServiceKey::of_slice(s) {
+                    let name = s.metadata.name.clone().unwrap_or_default();
+                    out.entry(k)
+                        .or_default()
+                        .1
+                        .insert(name, (s, o.origin(&ObjectRef::slice(s))));
+                }
+            }
+            out
+        }
+        let (old, new) = (parts(self), parts(newer));
+        let keys: BTreeSet<&ServiceKey> = old.keys().chain(new.keys()).collect();
+        keys.into_iter()
+            .filter(|k| old.get(*k) != new.get(*k))
+            .cloned()
+            .collect()
     }
 }
 

@@ -218,13 +218,13 @@ impl MapWriter for KernelMaps {
             let (id, v) = kv.map_err(|e| err(pin::SERVICE_NAMES, e))?;
             names.insert(id, v.as_str().to_owned());
         }
-        Ok(MapState {
+        Ok(MapState::new(
             frontends,
             maglev,
             backends,
             src_ranges,
             backend_lists,
             names,
-        })
+        ))
     }
 }

@@ -29,6 +29,29 @@ pub struct MapState {
     pub backend_lists: BTreeMap<u32, Vec<u32>>,
     /// `LB_SVC_NAMES`: service id → `ns/name:port`.
     pub names: BTreeMap<u32, String>,
+    /// Derived from the maps above: service id → what refers to it. Kept
+    /// by [`MapState::apply_op`] and [`MapState::reindex`], so that
+    /// planning the changes of a few services costs what they hold, not a
+    /// pass over every map.
+    by_service: BTreeMap<u32, ServiceRefs>,
+}
+
+/// Everything in the maps that belongs to one service id.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceRefs {
+    /// Its frontends.
+    pub frontends: BTreeSet<FrontendKeyV4>,
+    /// Its backends (not free).
+    pub backends: BTreeSet<u32>,
+    /// Entries keyed by the id itself: Maglev table, backend list, name,
+    /// source ranges.
+    keyed: usize,
+}
+
+impl ServiceRefs {
+    fn is_empty(&self) -> bool {
+        self.frontends.is_empty() && self.backends.is_empty() && self.keyed == 0
+    }
 }
 
 /// A service's Maglev table as the planner sees it: its size and members,
@@ -141,56 +164,190 @@ impl Op {
 }
 
 impl MapState {
+    /// The picture of maps holding these entries.
+    pub fn new(
+        frontends: BTreeMap<FrontendKeyV4, ServiceValue>,
+        maglev: BTreeMap<u32, MaglevEntry>,
+        backends: BTreeMap<u32, BackendV4>,
+        src_ranges: BTreeSet<SrcRange>,
+        backend_lists: BTreeMap<u32, Vec<u32>>,
+        names: BTreeMap<u32, String>,
+    ) -> Self {
+        let mut s = Self {
+            frontends,
+            maglev,
+            backends,
+            src_ranges,
+            backend_lists,
+            names,
+            by_service: BTreeMap::new(),
+        };
+        s.reindex();
+        s
+    }
+
+    /// Rebuilds the index by service id from the maps' entries.
+    fn reindex(&mut self) {
+        let mut idx: BTreeMap<u32, ServiceRefs> = BTreeMap::new();
+        for (k, v) in &self.frontends {
+            idx.entry(v.service_id).or_default().frontends.insert(*k);
+        }
+        for (&id, b) in &self.backends {
+            idx.entry(b.service_id).or_default().backends.insert(id);
+        }
+        let keyed = self
+            .maglev
+            .keys()
+            .chain(self.backend_lists.keys())
+            .chain(self.names.keys())
+            .chain(self.src_ranges.iter().map(|r| &r.service_id));
+        for sid in keyed {
+            idx.entry(*sid).or_default().keyed += 1;
+        }
+        self.by_service = idx;
+    }
+
+    /// What refers to service id `sid`.
+    pub fn service(&self, sid: u32) -> Option<&ServiceRefs> {
+        self.by_service.get(&sid)
+    }
+
+    /// The service ids anything in the maps refers to, ascending.
+    pub fn service_ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.by_service.keys().copied()
+    }
+
+    /// The source ranges of service id `sid`.
+    pub fn src_ranges_of(&self, sid: u32) -> impl Iterator<Item = &SrcRange> {
+        let lo = SrcRange {
+            service_id: sid,
+            addr: [0; 4],
+            prefix_len: 0,
+        };
+        let hi = SrcRange {
+            service_id: sid,
+            addr: [u8::MAX; 4],
+            prefix_len: u8::MAX,
+        };
+        self.src_ranges.range(lo..=hi)
+    }
+
+    fn refs(&mut self, sid: u32, f: impl FnOnce(&mut ServiceRefs)) {
+        let r = self.by_service.entry(sid).or_default();
+        f(r);
+        if r.is_empty() {
+            self.by_service.remove(&sid);
+        }
+    }
+
+    /// Counts (`inserted`) or uncounts an entry keyed by `sid`.
+    fn keyed(&mut self, sid: u32, inserted: bool) {
+        self.refs(sid, |r| {
+            if inserted {
+                r.keyed += 1
+            } else {
+                r.keyed = r.keyed.saturating_sub(1)
+            }
+        });
+    }
+
     /// Applies `op` to this picture of the maps, exactly as a writer applies
     /// it to the maps themselves. The agent keeps its picture current this
     /// way instead of reading every map back after each sync.
     pub fn apply_op(&mut self, op: &Op) {
         match op {
             Op::PutBackend { id, value } => {
-                if value.state == lb_common::BACKEND_FREE {
-                    self.backends.remove(id);
+                let free = value.state == lb_common::BACKEND_FREE;
+                let old = if free {
+                    self.backends.remove(id)
                 } else {
-                    self.backends.insert(*id, *value);
+                    self.backends.insert(*id, *value)
+                };
+                if let Some(o) = old {
+                    self.refs(o.service_id, |r| {
+                        r.backends.remove(id);
+                    });
+                }
+                if !free {
+                    self.refs(value.service_id, |r| {
+                        r.backends.insert(*id);
+                    });
                 }
             }
-            Op::PutMaglev { .. } => {
-                if let Some((service_id, slots)) = op.maglev_slots() {
-                    self.maglev.insert(service_id, MaglevEntry::new(slots));
+            Op::FreeBackend { id } => {
+                if let Some(o) = self.backends.remove(id) {
+                    self.refs(o.service_id, |r| {
+                        r.backends.remove(id);
+                    });
                 }
             }
             Op::PutFrontend { key, value } => {
-                self.frontends.insert(*key, *value);
+                if let Some(o) = self.frontends.insert(*key, *value) {
+                    self.refs(o.service_id, |r| {
+                        r.frontends.remove(key);
+                    });
+                }
+                self.refs(value.service_id, |r| {
+                    r.frontends.insert(*key);
+                });
             }
             Op::DeleteFrontend { key } => {
-                self.frontends.remove(key);
+                if let Some(o) = self.frontends.remove(key) {
+                    self.refs(o.service_id, |r| {
+                        r.frontends.remove(key);
+                    });
+                }
+            }
+            Op::PutMaglev { .. } => {
+                if let Some((service_id, slots)) = op.maglev_slots()
+                    && self
+                        .maglev
+                        .insert(service_id, MaglevEntry::new(slots))
+                        .is_none()
+                {
+                    self.keyed(service_id, true);
+                }
             }
             Op::DeleteMaglev { service_id } => {
-                self.maglev.remove(service_id);
-            }
-            Op::FreeBackend { id } => {
-                self.backends.remove(id);
+                if self.maglev.remove(service_id).is_some() {
+                    self.keyed(*service_id, false);
+                }
             }
             Op::PutSrcRange(r) => {
-                self.src_ranges.insert(*r);
+                if self.src_ranges.insert(*r) {
+                    self.keyed(r.service_id, true);
+                }
+            }
+            Op::DeleteSrcRange(r) => {
+                if self.src_ranges.remove(r) {
+                    self.keyed(r.service_id, false);
+                }
             }
             Op::PutBackendList { service_id, ids } => {
                 let n = ids.len().min(lb_common::BACKEND_LIST_CAPACITY);
-                self.backend_lists.insert(*service_id, ids[..n].to_vec());
+                if self
+                    .backend_lists
+                    .insert(*service_id, ids[..n].to_vec())
+                    .is_none()
+                {
+                    self.keyed(*service_id, true);
+                }
             }
             Op::DeleteBackendList { service_id } => {
-                self.backend_lists.remove(service_id);
+                if self.backend_lists.remove(service_id).is_some() {
+                    self.keyed(*service_id, false);
+                }
             }
             Op::PutServiceName { service_id, name } => {
-                self.names.insert(
-                    *service_id,
-                    lb_common::ServiceName::new(name).as_str().to_owned(),
-                );
+                let name = lb_common::ServiceName::new(name).as_str().to_owned();
+                if self.names.insert(*service_id, name).is_none() {
+                    self.keyed(*service_id, true);
+                }
             }
             Op::DeleteServiceName { service_id } => {
-                self.names.remove(service_id);
-            }
-            Op::DeleteSrcRange(r) => {
-                self.src_ranges.remove(r);
+                if self.names.remove(service_id).is_some() {
+                    self.keyed(*service_id, false);
+                }
             }
         }
     }
