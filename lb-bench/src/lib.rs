@@ -108,7 +108,7 @@ pub fn sync_efforts(quick: bool) -> Vec<SyncEffort> {
             changes: 100,
         }]
     } else {
-        [100, 1_000]
+        [100, 1_000, 10_000]
             .map(|services| SyncEffort {
                 services,
                 changes: 1_000,
@@ -129,6 +129,30 @@ pub fn main(agent: &Path, quick: bool, out: Option<PathBuf>) -> Result<()> {
         write_docs(&results, &out)?;
     }
     print_summary(&results);
+    Ok(())
+}
+
+/// One part of the bench, for `lb-bench --only`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum Part {
+    /// Watch event → maps, at every store size of the run.
+    Sync,
+    /// Objects → ready dataplane and one added endpoint, with kube-proxy's.
+    ControlPlane,
+}
+
+/// `lb-bench --only PART`: that part's results, printed.
+pub fn only(agent: &Path, quick: bool, part: Part) -> Result<()> {
+    let v = match part {
+        Part::Sync => Value::Array(
+            sync_efforts(quick)
+                .into_iter()
+                .map(|e| sync_latency(agent, e))
+                .collect::<Result<_>>()?,
+        ),
+        Part::ControlPlane => kubeproxy::control_plane(agent, quick)?,
+    };
+    println!("{}", serde_json::to_string_pretty(&v)?);
     Ok(())
 }
 

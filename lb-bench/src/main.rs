@@ -27,12 +27,19 @@ struct Cli {
     /// file (after a change to the report's text).
     #[arg(long, value_name = "JSON", requires = "out")]
     render: Option<PathBuf>,
+    /// Run one part only and print its JSON (no results file, no docs):
+    /// while working on that part.
+    #[arg(long, value_enum, conflicts_with_all = ["out", "render"])]
+    only: Option<lb_bench::Part>,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match (cli.render, cli.out, cli.agent) {
         (Some(json), Some(out), _) => lb_bench::render(&json, &out),
+        (_, _, Some(agent)) if cli.only.is_some() => {
+            lb_bench::only(&agent, cli.quick, cli.only.unwrap_or(lb_bench::Part::Sync))
+        }
         (_, out, Some(agent)) => lb_bench::main(&agent, cli.quick, out),
         _ => Err(anyhow::anyhow!("--agent is required")),
     };

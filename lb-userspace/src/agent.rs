@@ -129,7 +129,7 @@ impl<W: MapWriter> Pipeline<W> {
     /// and the next sync plans everything).
     pub fn update(&mut self, scope: &Scope, objects: &Objects) -> Result<usize> {
         let started = Instant::now();
-        let r = self.sync_inner(scope, objects);
+        let r = self.sync_inner(scope, objects, started);
         let m = &self.shared.metrics;
         m.sync_seconds.observe(started.elapsed().as_secs_f64());
         let result = if r.is_ok() { "ok" } else { "error" };
@@ -137,7 +137,7 @@ impl<W: MapWriter> Pipeline<W> {
         r
     }
 
-    fn sync_inner(&mut self, scope: &Scope, objects: &Objects) -> Result<usize> {
+    fn sync_inner(&mut self, scope: &Scope, objects: &Objects, started: Instant) -> Result<usize> {
         let changed = self.state.update(scope, objects);
         for w in self.state.warnings() {
             if !self.warned.contains(w) {
@@ -145,7 +145,7 @@ impl<W: MapWriter> Pipeline<W> {
                 self.warned.insert(w.clone());
             }
         }
-        let skipped = self.state.skipped();
+        let skipped = self.state.skipped().to_vec();
         for s in &skipped {
             let line = format!("{s} ({}: left out)", s.reason.name());
             if self.warned.insert(line.clone()) {
@@ -192,6 +192,7 @@ impl<W: MapWriter> Pipeline<W> {
             backends = self.current.backends.len(),
             ops = ops.len(),
             full,
+            ms = format!("{:.3}", started.elapsed().as_secs_f64() * 1e3),
             "synced"
         );
         Ok(ops.len())

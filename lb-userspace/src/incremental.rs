@@ -75,6 +75,10 @@ pub struct DesiredState {
     /// admission.
     admitted: BTreeMap<ServiceKey, (Vec<ServicePortName>, Vec<Skipped>)>,
     desired: Desired,
+    /// Every report, in admission order: rebuilt only when an update
+    /// touches a Service that has or had one.
+    skipped: Vec<Skipped>,
+    warnings: Vec<String>,
 }
 
 impl DesiredState {
@@ -91,6 +95,8 @@ impl DesiredState {
             arbiter,
             admitted: BTreeMap::new(),
             desired: Desired::default(),
+            skipped: Vec::new(),
+            warnings: Vec::new(),
         }
     }
 
@@ -101,26 +107,55 @@ impl DesiredState {
 
     /// Everything left out, Service by Service in admission order (as
     /// [`crate::translate::Translation::skipped`]).
-    pub fn skipped(&self) -> Vec<Skipped> {
-        let mut out = Vec::new();
-        for (_, key) in &self.order {
-            out.extend(self.services[key].skipped.iter().cloned());
-            if let Some((_, s)) = self.admitted.get(key) {
-                out.extend(s.iter().cloned());
-            }
-        }
-        out
+    pub fn skipped(&self) -> &[Skipped] {
+        &self.skipped
     }
 
     /// The warnings of every Service, in admission order.
-    pub fn warnings(&self) -> impl Iterator<Item = &String> {
-        self.order
-            .iter()
-            .flat_map(|(_, key)| &self.services[key].warnings)
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    /// Whether `key` has anything to report now.
+    fn reports(&self, key: &ServiceKey) -> bool {
+        let own = self
+            .services
+            .get(key)
+            .is_some_and(|t| !t.skipped.is_empty() || !t.warnings.is_empty());
+        own || self.admitted.get(key).is_some_and(|(_, s)| !s.is_empty())
+    }
+
+    fn collect_reports(&mut self) {
+        self.skipped.clear();
+        self.warnings.clear();
+        for (_, key) in &self.order {
+            let t = &self.services[key];
+            self.skipped.extend(t.skipped.iter().cloned());
+            if let Some((_, s)) = self.admitted.get(key) {
+                self.skipped.extend(s.iter().cloned());
+            }
+            self.warnings.extend(t.warnings.iter().cloned());
+        }
     }
 
     /// Takes in the objects of `scope` and says what changed.
     pub fn update(&mut self, scope: &Scope, objs: &Objects) -> Changed {
+        let reported_before = match scope {
+            Scope::All => true,
+            Scope::Services(keys) => keys.iter().any(|k| self.reports(k)),
+        };
+        let changed = self.take_in(scope, objs);
+        let reports_now = match scope {
+            Scope::All => true,
+            Scope::Services(keys) => keys.iter().any(|k| self.reports(k)),
+        };
+        if reported_before || reports_now || changed == Changed::All {
+            self.collect_reports();
+        }
+        changed
+    }
+
+    fn take_in(&mut self, scope: &Scope, objs: &Objects) -> Changed {
         match scope {
             Scope::All => {
                 self.services.clear();

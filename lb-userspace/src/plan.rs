@@ -109,33 +109,32 @@ struct IdPool<I: Iterator<Item = u32>> {
     max: u32,
     /// Ids this plan has given out or keeps.
     taken: BTreeSet<u32>,
-    /// Ids the maps use, ascending.
-    used: std::iter::Peekable<I>,
+    /// Ids no map entry uses, ascending.
+    free: I,
     /// Ids this plan may take back when nothing else is left (the ones it
     /// frees), ascending.
     reusable: BTreeSet<u32>,
-    next_fresh: u32,
 }
 
 impl<I: Iterator<Item = u32>> IdPool<I> {
-    fn new(max: u32, taken: BTreeSet<u32>, used: I, reusable: BTreeSet<u32>) -> Self {
+    fn new(max: u32, taken: BTreeSet<u32>, free: I, reusable: BTreeSet<u32>) -> Self {
         Self {
             max,
             taken,
-            used: used.peekable(),
+            free,
             reusable,
-            next_fresh: 1,
         }
     }
 
     fn take(&mut self) -> Option<u32> {
-        while self.next_fresh < self.max {
-            let id = self.next_fresh;
-            self.next_fresh += 1;
-            while self.used.next_if(|&u| u < id).is_some() {}
-            if self.used.peek() == Some(&id) || !self.taken.insert(id) {
+        for id in self.free.by_ref() {
+            if id == 0 || self.taken.contains(&id) {
                 continue;
             }
+            if id >= self.max {
+                break;
+            }
+            self.taken.insert(id);
             return Some(id);
         }
         let id = *self.reusable.iter().find(|id| !self.taken.contains(id))?;
@@ -309,7 +308,7 @@ fn plan_scope(
     let mut sid_pool = IdPool::new(
         MAX_SERVICES,
         taken,
-        current.service_ids(),
+        current.free_service_ids(),
         scope_sids.iter().copied().collect(),
     );
     for sid in &mut sid_of {
@@ -366,7 +365,7 @@ fn plan_scope(
     let mut be_pool = IdPool::new(
         MAX_BACKENDS,
         want_be.keys().copied().collect(),
-        current.backends.keys().copied(),
+        current.free_backend_ids(),
         scope_backends.iter().map(|(id, _)| *id).collect(),
     );
     for (i, j, value) in new_be {
@@ -617,7 +616,7 @@ mod tests {
 
     #[test]
     fn id_pool_prefers_never_used_ids() {
-        let mut p = IdPool::new(6, [1].into(), [2, 3].into_iter(), [2, 3].into());
+        let mut p = IdPool::new(6, [1].into(), [1, 4, 5, 6, 7].into_iter(), [2, 3].into());
         assert_eq!(p.take(), Some(4));
         assert_eq!(p.take(), Some(5));
         assert_eq!(p.take(), Some(2));

@@ -34,6 +34,57 @@ pub struct MapState {
     /// planning the changes of a few services costs what they hold, not a
     /// pass over every map.
     by_service: BTreeMap<u32, ServiceRefs>,
+    /// Derived: which backend ids and service ids are free, so that a new
+    /// one is found without a pass over the maps.
+    backend_ids: IdSpace,
+    service_ids: IdSpace,
+}
+
+/// The ids in use of one kind, as what is free: every id below the
+/// highest in use that is not used, and every id above it. Id 0 is never
+/// handed out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct IdSpace {
+    /// One above the highest id in use (1 when none is).
+    next: u32,
+    /// Ids below `next` not in use.
+    gaps: BTreeSet<u32>,
+}
+
+impl Default for IdSpace {
+    fn default() -> Self {
+        Self {
+            next: 1,
+            gaps: BTreeSet::new(),
+        }
+    }
+}
+
+impl IdSpace {
+    fn used(&mut self, id: u32) {
+        if id >= self.next {
+            self.gaps.extend(self.next..id);
+            self.next = id + 1;
+        } else {
+            self.gaps.remove(&id);
+        }
+    }
+
+    fn freed(&mut self, id: u32) {
+        if id == 0 || id >= self.next {
+            return;
+        }
+        self.gaps.insert(id);
+        // Keep the gaps below the highest id in use only.
+        while self.next > 1 && self.gaps.remove(&(self.next - 1)) {
+            self.next -= 1;
+        }
+    }
+
+    /// The free ids, ascending (unbounded: the caller stops at its limit).
+    fn free(&self) -> impl Iterator<Item = u32> + '_ {
+        self.gaps.iter().copied().chain(self.next..)
+    }
 }
 
 /// Everything in the maps that belongs to one service id.
@@ -181,6 +232,8 @@ impl MapState {
             backend_lists,
             names,
             by_service: BTreeMap::new(),
+            backend_ids: IdSpace::default(),
+            service_ids: IdSpace::default(),
         };
         s.reindex();
         s
@@ -204,7 +257,25 @@ impl MapState {
         for sid in keyed {
             idx.entry(*sid).or_default().keyed += 1;
         }
+        self.service_ids = IdSpace::default();
+        for &sid in idx.keys().filter(|&&s| s > 0) {
+            self.service_ids.used(sid);
+        }
+        self.backend_ids = IdSpace::default();
+        for &id in self.backends.keys().filter(|&&i| i > 0) {
+            self.backend_ids.used(id);
+        }
         self.by_service = idx;
+    }
+
+    /// Backend ids no map entry uses, ascending.
+    pub fn free_backend_ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.backend_ids.free()
+    }
+
+    /// Service ids nothing in the maps refers to, ascending.
+    pub fn free_service_ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.service_ids.free()
     }
 
     /// What refers to service id `sid`.
@@ -237,6 +308,9 @@ impl MapState {
         f(r);
         if r.is_empty() {
             self.by_service.remove(&sid);
+            self.service_ids.freed(sid);
+        } else if sid > 0 {
+            self.service_ids.used(sid);
         }
     }
 
@@ -268,7 +342,10 @@ impl MapState {
                         r.backends.remove(id);
                     });
                 }
-                if !free {
+                if free {
+                    self.backend_ids.freed(*id);
+                } else {
+                    self.backend_ids.used(*id);
                     self.refs(value.service_id, |r| {
                         r.backends.insert(*id);
                     });
@@ -280,6 +357,7 @@ impl MapState {
                         r.backends.remove(id);
                     });
                 }
+                self.backend_ids.freed(*id);
             }
             Op::PutFrontend { key, value } => {
                 if let Some(o) = self.frontends.insert(*key, *value) {
