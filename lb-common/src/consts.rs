@@ -6,10 +6,10 @@
 /// Layout version of the pinned maps. Pins live under
 /// `<bpffs-root>/v<MAP_VERSION>/` so that an agent with a new layout never
 /// reuses maps written with an old one.
-pub const MAP_VERSION: u32 = 3;
+pub const MAP_VERSION: u32 = 4;
 /// The directory of [`MAP_VERSION`]'s pins under the bpffs root: `v` and
 /// the version (a unit test keeps the two together).
-pub const PIN_DIR: &str = "v3";
+pub const PIN_DIR: &str = "v4";
 
 /// Maximum number of service ports (one Maglev table each). Ids run from 1;
 /// 0 means "none".
@@ -23,12 +23,29 @@ pub const MAX_BACKENDS: u32 = 262_144;
 /// forward and the reply direction). The agent can change it at load time.
 pub const CT_DEFAULT_CAPACITY: u32 = 262_144;
 
-/// Slots compiled into each Maglev table value: the largest table size the
-/// agent may choose. Must be prime.
-pub const MAGLEV_CAPACITY: usize = 16_381;
-/// Default Maglev table size (prime; M ≥ 100·N keeps each backend's share
-/// within 1% of 1/N).
-pub const MAGLEV_DEFAULT_SIZE: u32 = 16_381;
+/// The Maglev table sizes the maps are made for, smallest first: each a
+/// prime and the slot count of one table map (`LB_MAGLEV_S`, `LB_MAGLEV_M`,
+/// `LB_MAGLEV_L`). A service's table takes the smallest that keeps
+/// M ≥ 100·N (each backend's share within about 1% of 1/N: up to 10, 40
+/// and 163 backends), so its memory follows its size: 4 KiB, 16 KiB,
+/// 64 KiB.
+pub const MAGLEV_SIZES: [u32; 3] = [1_021, 4_093, 16_381];
+/// The largest table size: the capacity of the largest table map.
+pub const MAGLEV_CAPACITY: usize = MAGLEV_SIZES[2] as usize;
+
+/// The table map (index into [`MAGLEV_SIZES`]) that holds a table of `size`
+/// slots: the smallest that is large enough (the largest for anything
+/// larger, where slots beyond its capacity find no backend).
+#[inline(always)]
+pub const fn maglev_class(size: u32) -> usize {
+    if size <= MAGLEV_SIZES[0] {
+        0
+    } else if size <= MAGLEV_SIZES[1] {
+        1
+    } else {
+        2
+    }
+}
 
 /// IP protocol numbers used in keys.
 pub const IPPROTO_TCP: u8 = 6;
@@ -203,8 +220,9 @@ pub const MAX_SOURCE_RANGES: u32 = 16_384;
 pub mod pin {
     /// Frontend (address, port, protocol) → service.
     pub const FRONTENDS_V4: &str = "LB_FRONTENDS_V4";
-    /// Service id → Maglev table of backend ids.
-    pub const MAGLEV: &str = "LB_MAGLEV";
+    /// Service id → Maglev table of backend ids, one map per table size
+    /// (`MAGLEV_SIZES`, smallest first).
+    pub const MAGLEV: [&str; 3] = ["LB_MAGLEV_S", "LB_MAGLEV_M", "LB_MAGLEV_L"];
     /// Backend id → address, port, state.
     pub const BACKENDS_V4: &str = "LB_BACKENDS_V4";
     /// Conntrack, both directions.
@@ -234,9 +252,11 @@ pub mod pin {
     /// Service id → `ns/name:port`, for operators' tools.
     pub const SERVICE_NAMES: &str = "LB_SVC_NAMES";
     /// Every map the agent pins.
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 18] = [
         FRONTENDS_V4,
-        MAGLEV,
+        MAGLEV[0],
+        MAGLEV[1],
+        MAGLEV[2],
         BACKENDS_V4,
         CONNTRACK_V4,
         SERVICE_COUNTERS,

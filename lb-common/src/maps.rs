@@ -60,28 +60,37 @@ pub struct ServiceValue {
     pub _pad: u32,
 }
 
-/// Value of `LB_MAGLEV` (key: service id, `u32`): the service's Maglev lookup
-/// table. Slot `i < maglev_size` holds the backend id that owns it.
+/// Value of the table maps `LB_MAGLEV_S/M/L` (key: service id, `u32`): a
+/// service's Maglev lookup table of up to `N` slots
+/// ([`crate::MAGLEV_SIZES`]). Slot `i < maglev_size` holds the backend id
+/// that owns it.
 ///
 /// The agent replaces a whole table with one map update, so the datapath
 /// never sees a half-written table.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MaglevTable {
+pub struct MaglevTable<const N: usize> {
     /// Backend ids; only the first `maglev_size` are used.
-    pub slots: [u32; MAGLEV_CAPACITY],
-    /// Always 0 (keeps the size a multiple of 8).
+    pub slots: [u32; N],
+    /// Always 0 (keeps the size a multiple of 8: every N is odd).
     pub _pad: u32,
 }
 
-impl Default for MaglevTable {
+impl<const N: usize> Default for MaglevTable<N> {
     fn default() -> Self {
         Self {
-            slots: [0; MAGLEV_CAPACITY],
+            slots: [0; N],
             _pad: 0,
         }
     }
 }
+
+/// The value of `LB_MAGLEV_S` (tables of up to 1,021 slots).
+pub type MaglevTableS = MaglevTable<{ crate::MAGLEV_SIZES[0] as usize }>;
+/// The value of `LB_MAGLEV_M` (up to 4,093 slots).
+pub type MaglevTableM = MaglevTable<{ crate::MAGLEV_SIZES[1] as usize }>;
+/// The value of `LB_MAGLEV_L` (up to 16,381 slots).
+pub type MaglevTableL = MaglevTable<{ crate::MAGLEV_SIZES[2] as usize }>;
 
 /// Value of `LB_BACKENDS_V4` (array, index: backend id).
 ///
@@ -568,8 +577,10 @@ impl Counters {
 
 const _: () = assert!(size_of::<FrontendKeyV4>() == 8);
 const _: () = assert!(size_of::<ServiceValue>() == 24);
-const _: () = assert!(size_of::<MaglevTable>() == 4 * MAGLEV_CAPACITY + 4);
-const _: () = assert!(size_of::<MaglevTable>().is_multiple_of(8));
+const _: () = assert!(size_of::<MaglevTableL>() == 4 * MAGLEV_CAPACITY + 4);
+const _: () = assert!(size_of::<MaglevTableS>().is_multiple_of(8));
+const _: () = assert!(size_of::<MaglevTableM>().is_multiple_of(8));
+const _: () = assert!(size_of::<MaglevTableL>().is_multiple_of(8));
 const _: () = assert!(size_of::<BackendV4>() == 16);
 const _: () = assert!(size_of::<CtKeyV4>() == 16);
 const _: () = assert!(size_of::<CtValueV4>() == 48);
@@ -591,7 +602,7 @@ mod pod {
     // asserted above) and is valid for any bit pattern.
     unsafe impl aya::Pod for FrontendKeyV4 {}
     unsafe impl aya::Pod for ServiceValue {}
-    unsafe impl aya::Pod for MaglevTable {}
+    unsafe impl<const N: usize> aya::Pod for MaglevTable<N> {}
     unsafe impl aya::Pod for BackendV4 {}
     unsafe impl aya::Pod for CtKeyV4 {}
     unsafe impl aya::Pod for CtValueV4 {}

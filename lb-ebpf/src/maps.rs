@@ -1,6 +1,6 @@
 //! Every map of the datapath, declared once. Types and byte order are
 //! documented in `lb_common::maps`; pin names equal these symbols (see
-//! `lb_common::pin`) and live under `<bpffs-root>/v3/`.
+//! `lb_common::pin`) and live under `<bpffs-root>/v4/`.
 //!
 //! All maps are BTF maps, so `bpftool map dump` prints named fields.
 
@@ -12,8 +12,9 @@ use aya_ebpf::{
 use lb_common::{
     AFFINITY_CAPACITY, AffinityKeyV4, AffinityValue, BackendList, BackendV4, CT_DEFAULT_CAPACITY,
     Counters, CtKeyV4, CtValueV4, DatapathConfig, FrontendKeyV4, MAX_BACKENDS, MAX_FRONTENDS,
-    MAX_SERVICES, MAX_SOURCE_RANGES, MaglevTable, NAT_DEFAULT_CAPACITY, NatValueV4,
-    OPEN_FLOWS_DEFAULT_CAPACITY, OpenFlowV4, ServiceName, ServiceValue, SrcRangeV4, Stats,
+    MAX_SERVICES, MAX_SOURCE_RANGES, MaglevTableL, MaglevTableM, MaglevTableS,
+    NAT_DEFAULT_CAPACITY, NatValueV4, OPEN_FLOWS_DEFAULT_CAPACITY, OpenFlowV4, ServiceName,
+    ServiceValue, SrcRangeV4, Stats,
 };
 
 /// Frontend (addr, port, proto) → service. Written by the agent; read by XDP. Capacity `MAX_FRONTENDS`.
@@ -21,13 +22,35 @@ use lb_common::{
 pub static LB_FRONTENDS_V4: HashMap<FrontendKeyV4, ServiceValue, { MAX_FRONTENDS as usize }> =
     HashMap::new();
 
-/// Service id → Maglev table of backend ids. Written by the agent (one update
-/// per table: atomic); read by XDP for new flows. Not preallocated (64 KiB a
-/// table). Capacity `MAX_SERVICES`.
+/// Service id → Maglev table of backend ids, one map per table size
+/// (`MAGLEV_SIZES`): a service's table is in the smallest map that holds
+/// its `maglev_size`. Written by the agent (one update per table: atomic;
+/// a table that changes size is written to its new map before its
+/// frontends point there, and removed from the old one after); read by XDP
+/// for new flows. Not preallocated: memory follows the tables written.
+/// Capacity `MAX_SERVICES` each.
 #[btf_map]
-pub static LB_MAGLEV: HashMap<
+pub static LB_MAGLEV_S: HashMap<
     u32,
-    MaglevTable,
+    MaglevTableS,
+    { MAX_SERVICES as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
+/// See [`LB_MAGLEV_S`]: tables of up to 4,093 slots.
+#[btf_map]
+pub static LB_MAGLEV_M: HashMap<
+    u32,
+    MaglevTableM,
+    { MAX_SERVICES as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
+/// See [`LB_MAGLEV_S`]: tables of up to 16,381 slots.
+#[btf_map]
+pub static LB_MAGLEV_L: HashMap<
+    u32,
+    MaglevTableL,
     { MAX_SERVICES as usize },
     { BPF_F_NO_PREALLOC as usize },
 > = HashMap::new();

@@ -11,16 +11,19 @@
 
 use aya_ebpf::bindings::BPF_ANY;
 use lb_common::{
-    AffinityKeyV4, AffinityValue, BACKEND_LIST_CAPACITY, BackendV4, LC_SCAN_MAX, MAGLEV_CAPACITY,
-    MaglevTable, POLICY_LEAST_CONN, POLICY_ROUND_ROBIN, REASON_AFFINITY, REASON_LEAST_CONN,
-    REASON_MAGLEV, REASON_ROUND_ROBIN, REASON_TERMINATING_FALLBACK, SVC_F_TERMINATING_FALLBACK,
-    ServiceValue,
+    AffinityKeyV4, AffinityValue, BACKEND_LIST_CAPACITY, BackendV4, LC_SCAN_MAX, MaglevTable,
+    POLICY_LEAST_CONN, POLICY_ROUND_ROBIN, REASON_AFFINITY, REASON_LEAST_CONN, REASON_MAGLEV,
+    REASON_ROUND_ROBIN, REASON_TERMINATING_FALLBACK, SVC_F_TERMINATING_FALLBACK, ServiceValue,
     hash::{maglev_slot, rehash},
+    maglev_class,
 };
 
 use crate::{
     atomic, flows,
-    maps::{LB_AFFINITY_V4, LB_BACKENDS_V4, LB_MAGLEV, LB_RR, LB_SVC_BACKENDS},
+    maps::{
+        LB_AFFINITY_V4, LB_BACKENDS_V4, LB_MAGLEV_L, LB_MAGLEV_M, LB_MAGLEV_S, LB_RR,
+        LB_SVC_BACKENDS,
+    },
     parse::PacketV4,
 };
 
@@ -94,29 +97,45 @@ fn active(svc: &ServiceValue, id: u32) -> Option<BackendV4> {
     be.serves(svc.service_id).then_some(be)
 }
 
+/// Slot `idx` of `t`, if it has one.
 #[inline(always)]
-fn table(svc: &ServiceValue) -> Option<&'static MaglevTable> {
+fn slot_in<const N: usize>(t: Option<&MaglevTable<N>>, idx: usize) -> Option<u32> {
+    let t = t?;
+    if idx >= N {
+        return None;
+    }
+    Some(t.slots[idx])
+}
+
+/// Slot `idx` of the service's Maglev table (in the table map its size
+/// selects); `None` without a usable backend or a table.
+#[inline(always)]
+fn table_slot(svc: &ServiceValue, idx: usize) -> Option<u32> {
     if svc.backend_count == 0 {
         return None;
     }
-    // SAFETY: the table is only read; the agent replaces it whole.
-    unsafe { LB_MAGLEV.get(svc.service_id) }
+    let sid = svc.service_id;
+    // SAFETY: tables are only read; the agent replaces them whole.
+    unsafe {
+        match maglev_class(svc.maglev_size) {
+            0 => slot_in(LB_MAGLEV_S.get(sid), idx),
+            1 => slot_in(LB_MAGLEV_M.get(sid), idx),
+            _ => slot_in(LB_MAGLEV_L.get(sid), idx),
+        }
+    }
 }
 
 /// The backend id in the Maglev slot of `hash`, and the slot.
 #[inline(always)]
-fn slot_of(svc: &ServiceValue, t: &MaglevTable, hash: u32) -> Option<(u32, u32)> {
-    let slot = maglev_slot(hash, svc.maglev_size) as usize;
-    if slot >= MAGLEV_CAPACITY {
-        return None;
-    }
-    Some((t.slots[slot], slot as u32))
+fn slot_of(svc: &ServiceValue, hash: u32) -> Option<(u32, u32)> {
+    let slot = maglev_slot(hash, svc.maglev_size);
+    Some((table_slot(svc, slot as usize)?, slot))
 }
 
 /// The backend Maglev assigns to a flow of hash `hash`.
 #[inline(always)]
 fn maglev(svc: &ServiceValue, hash: u32) -> Option<Choice> {
-    let (id, slot) = slot_of(svc, table(svc)?, hash)?;
+    let (id, slot) = slot_of(svc, hash)?;
     Some(Choice {
         id,
         backend: active(svc, id)?,
@@ -143,14 +162,10 @@ fn round_robin(svc: &ServiceValue) -> Option<Choice> {
             }
             l.ids[idx]
         }
-        _ => {
-            let t = table(svc)?;
-            let idx = lb_common::policy::rr_index(turn, svc.maglev_size) as usize;
-            if idx >= MAGLEV_CAPACITY {
-                return None;
-            }
-            t.slots[idx]
-        }
+        _ => table_slot(
+            svc,
+            lb_common::policy::rr_index(turn, svc.maglev_size) as usize,
+        )?,
     };
     Some(Choice {
         id,
@@ -164,8 +179,7 @@ fn round_robin(svc: &ServiceValue) -> Option<Choice> {
 /// `lb_common::policy::least_conn` for the rule this follows.
 #[inline(always)]
 fn least_conn(svc: &ServiceValue, hash: u32) -> Option<Choice> {
-    let t = table(svc)?;
-    let (mid, _) = slot_of(svc, t, hash)?;
+    let (mid, _) = slot_of(svc, hash)?;
     let mut best = mid;
     let mut best_n = flows::count(mid);
     // SAFETY: the list is only read; the agent replaces it whole.
@@ -187,7 +201,7 @@ fn least_conn(svc: &ServiceValue, hash: u32) -> Option<Choice> {
             }
         }
         _ => {
-            let (second, _) = slot_of(svc, t, rehash(hash))?;
+            let (second, _) = slot_of(svc, rehash(hash))?;
             let n = flows::count(second);
             if n < best_n {
                 best = second;

@@ -75,13 +75,14 @@ const FIRST_NODE_PORT: u16 = 30_000;
 const POD_PORT: u16 = 8080;
 /// Endpoints per service.
 const ENDPOINTS: usize = 10;
-/// Maglev table size of the per-packet runs: a prime small enough that the
-/// agent's tables for 10,000 services are quick to build. The kernel value
-/// is `MaglevTable` (16,381 slots) whatever the size, so the map still holds
-/// 10,000 × 64 KiB; the size only changes which slots the lookup reads.
-const BENCH_MAGLEV_SIZE: u32 = 1021;
 /// Conntrack capacity (entries; two per flow) of the per-packet runs.
 const CT_CAPACITY: u32 = 262_144;
+
+/// The Maglev table size the agent gives the services of the per-packet
+/// runs (`ENDPOINTS` backends each).
+fn bench_maglev_size() -> u32 {
+    PlanConfig::default().maglev_size_for(ENDPOINTS)
+}
 
 /// Seed of every random draw of the spread figures.
 const SPREAD_SEED: u64 = 0x5eed_0005;
@@ -89,8 +90,11 @@ const SPREAD_SEED: u64 = 0x5eed_0005;
 const SPREAD_FLOWS: usize = 100_000;
 /// Backends of the spread figures.
 const SPREAD_BACKENDS: usize = 10;
-/// Maglev size of the spread figures: the agent's default.
-const SPREAD_MAGLEV_SIZE: u32 = lb_common::MAGLEV_DEFAULT_SIZE;
+/// Maglev size of the spread figures: the one the agent gives a service of
+/// `SPREAD_BACKENDS` backends.
+fn spread_maglev_size() -> u32 {
+    PlanConfig::default().maglev_size_for(SPREAD_BACKENDS)
+}
 
 struct Args {
     quick: bool,
@@ -263,7 +267,7 @@ fn datapath(quick: bool) -> Result<Value, String> {
     let mut out = json!({
         "services": effort.services,
         "endpoints_per_service": ENDPOINTS,
-        "maglev_table_size": BENCH_MAGLEV_SIZE,
+        "maglev_table_size": bench_maglev_size(),
         "repeat": effort.repeat,
         "calls_per_figure": effort.calls,
         "warm_up_calls": 1,
@@ -273,10 +277,10 @@ fn datapath(quick: bool) -> Result<Value, String> {
         "spread_pct": spread_pct(rows, "services"),
         "endpoints_axis": {
             "endpoints": effort.endpoints,
-            "maglev_table_size": BENCH_MAGLEV_SIZE,
+            "maglev_table_size": "per service, by its endpoints",
             "rows": endpoint_rows,
             "spread_pct": spread_pct(endpoint_rows, "endpoints"),
-            "method": "one NodePort service with E ready local endpoints (plus the ping-pong helper service), measured exactly as the services axis, interleaved with it; E above the Maglev size (1021) would leave backends without a slot, so the axis stops at 1,000",
+            "method": "one NodePort service with E ready local endpoints (plus the ping-pong helper service), measured exactly as the services axis, interleaved with it; each service's table has the size the agent gives it (1,021 slots up to 10 endpoints, 4,093 up to 40, 16,381 beyond); the axis stops at 1,000",
         },
         "method": {
             "non_service": "TCP SYN to a port with no frontend, repeat R: not rewritten, so every repetition is the same miss; median of the calls' averages",
@@ -362,18 +366,19 @@ fn policy_new_flow(effort: &Effort) -> Result<Value, String> {
     out.insert("calls".into(), json!(effort.policy_calls));
     out.insert("warm_up_calls".into(), json!(1));
     out.insert("new_flow_packets_per_call".into(), json!(packets));
-    out.insert("maglev_table_size".into(), json!(BENCH_MAGLEV_SIZE));
+    out.insert("maglev_table_size".into(), json!(bench_maglev_size()));
     out.insert("lc_scan_max".into(), json!(LC_SCAN_MAX));
     out.insert("verified".into(), Value::Object(verified));
     out.insert(
         "method".into(),
         json!(format!(
-            "one NodePort service per policy, each in its own datapath, the annotation {ANNOTATION_BALANCING} set on the Service and the maps filled through the agent's pipeline (Objects -> translate -> plan -> KernelMaps, Maglev size {BENCH_MAGLEV_SIZE}): maglev and round-robin with 10 ready local endpoints, least-connection with 8, 64 and 256. \
+            "one NodePort service per policy, each in its own datapath, the annotation {ANNOTATION_BALANCING} set on the Service and the maps filled through the agent's pipeline (Objects -> translate -> plan -> KernelMaps, Maglev size {maglev_size}): maglev and round-robin with 10 ready local endpoints, least-connection with 8, 64 and 256. \
              Each call: repeat=1 over {packets} distinct SYNs (every one a new flow: conntrack miss, the policy's choice, conntrack and open-flow registry inserts, count up), raw = average call time, _ns = raw minus xdp_pass called the same way on the same packets; median over {} calls after one warm-up call, the five services' calls interleaved (rotating order) so that background noise hits them alike. \
              Flows are never closed, so the open-flow counts grow during the run (evenly under round-robin and least-connection). \
              least_conn_8 and least_conn_64 scan every backend's count (up to LC_SCAN_MAX = {LC_SCAN_MAX}); least_conn_256 has more than LC_SCAN_MAX backends and compares two candidates only (its Maglev slot and a second slot from a re-hash). \
              Verified after the calls (see `verified`): the frontend's policy in LB_FRONTENDS_V4, the conntrack reason of every flow of the last call, round-robin's LB_RR turn counter equal to the service's flows, and for round-robin and least-connection the LB_BE_OPEN counts summing to the flows (within 1 of each other except for the two-candidate case)",
-            effort.policy_calls
+            effort.policy_calls,
+            maglev_size = bench_maglev_size(),
         )),
     );
     Ok(Value::Object(out))
@@ -609,7 +614,7 @@ impl Setup {
             )
         })?;
         let current = maps.read_state().map_err(|e| e.to_string())?;
-        let cfg = PlanConfig::new(BENCH_MAGLEV_SIZE).map_err(|e| e.to_string())?;
+        let cfg = PlanConfig::default();
         let ops = plan(&current, &desired, &cfg).map_err(|e| format!("plan: {e}"))?;
         let fill_ops = ops.len();
         maps.apply(&ops).map_err(|e| format!("apply: {e}"))?;
@@ -1038,11 +1043,11 @@ fn round6(x: f64) -> f64 {
 fn spread() -> Value {
     let n = SPREAD_BACKENDS;
     let names: Vec<String> = (0..n).map(|j| format!("{}:{POD_PORT}", pod(j))).collect();
-    let table = maglev::populate(&names, SPREAD_MAGLEV_SIZE);
+    let table = maglev::populate(&names, spread_maglev_size());
     // The table after removing the last backend: indices 0..n-1 keep their
     // names, so they compare directly with `table`'s.
     let removed = n - 1;
-    let table_after = maglev::populate(&names[..removed], SPREAD_MAGLEV_SIZE);
+    let table_after = maglev::populate(&names[..removed], spread_maglev_size());
     let mut slot_counts = vec![0u64; n];
     for &b in &table {
         slot_counts[b as usize] += 1;
@@ -1061,9 +1066,9 @@ fn spread() -> Value {
         // Exactly the datapath's choice: flow hash of the packet's 5-tuple,
         // multiply-shift slot, table entry.
         let h = flow_hash_v4(src, frontend.0, sport.to_be(), frontend.1.to_be(), 6);
-        let b = table[maglev_slot(h, SPREAD_MAGLEV_SIZE) as usize] as usize;
+        let b = table[maglev_slot(h, spread_maglev_size()) as usize] as usize;
         maglev_counts[b] += 1;
-        let b2 = table_after[maglev_slot(h, SPREAD_MAGLEV_SIZE) as usize] as usize;
+        let b2 = table_after[maglev_slot(h, spread_maglev_size()) as usize] as usize;
         if b2 != b {
             moved += 1;
             if b != removed {
@@ -1091,7 +1096,7 @@ fn spread() -> Value {
         "flows": SPREAD_FLOWS,
         "backends": n,
         "seed": format!("{SPREAD_SEED:#x}"),
-        "maglev_table_size": SPREAD_MAGLEV_SIZE,
+        "maglev_table_size": spread_maglev_size(),
         "maglev": spread_figures(&maglev_counts),
         "maglev_table_slots_max_min_ratio": round6(slot_max / slot_min),
         "iptables_random": spread_figures(&ipt_counts),
@@ -1245,7 +1250,7 @@ fn snat_path(quick: bool) -> Result<Value, String> {
             let ops = plan(
                 &MapState::default(),
                 &desired,
-                &PlanConfig::new(BENCH_MAGLEV_SIZE).map_err(|e| e.to_string())?,
+                &PlanConfig::default(),
             )
             .map_err(|e| e.to_string())?;
             maps.apply(&ops).map_err(|e| e.to_string())?;

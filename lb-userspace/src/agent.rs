@@ -332,7 +332,10 @@ enum Source {
 
 /// `lb-agent run`.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let cfg = PlanConfig::new(args.maglev_table_size)?;
+    let cfg = PlanConfig {
+        maglev_size: args.maglev_table_size,
+    };
+    cfg.validate()?;
     let node = NodeContext {
         node_name: args.node_name.clone(),
         node_addrs: interface_addrs(&args.interfaces)?,

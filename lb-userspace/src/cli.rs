@@ -92,15 +92,17 @@ pub struct RunArgs {
     #[arg(long, env = "NODE_NAME", value_name = "NAME")]
     pub node_name: String,
 
-    /// bpffs directory where maps are pinned (under `v3/`). Pinned maps are
+    /// bpffs directory where maps are pinned (under `v4/`). Pinned maps are
     /// reused on restart, so established flows survive it.
     #[arg(long, default_value = "/sys/fs/bpf/lb", value_name = "PATH")]
     pub bpffs_root: PathBuf,
 
-    /// Maglev table size per service: a prime ≤ 16381. Each backend's share
-    /// of new flows is within 1% of 1/N when the size is ≥ 100·N.
-    #[arg(long, default_value_t = lb_common::MAGLEV_DEFAULT_SIZE, value_name = "PRIME")]
-    pub maglev_table_size: u32,
+    /// One Maglev table size for every service: a prime ≤ 16381. By
+    /// default each service's table takes the smallest of 1021, 4093 and
+    /// 16381 slots that is at least 100 × its backends (each backend's share
+    /// of new flows within about 1% of 1/N), so memory follows the service.
+    #[arg(long, value_name = "PRIME")]
+    pub maglev_table_size: Option<u32>,
 
     /// Conntrack capacity in entries (two per flow), used when the map is
     /// first created.

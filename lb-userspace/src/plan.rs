@@ -29,9 +29,9 @@ use std::net::Ipv4Addr;
 
 use lb_common::{
     BACKEND_ACTIVE, BACKEND_F_LOCAL, BACKEND_TERMINATING, BackendV4, FRONTEND_EXTERNAL_IP,
-    FRONTEND_LOADBALANCER, FRONTEND_NODEPORT, FrontendKeyV4, MAGLEV_CAPACITY, MAX_BACKENDS,
-    MAX_FRONTENDS, MAX_SERVICES, MaglevTable, SVC_F_DROP_NO_BACKEND, SVC_F_SOURCE_RANGES,
-    SVC_F_TERMINATING_FALLBACK, ServiceValue,
+    FRONTEND_LOADBALANCER, FRONTEND_NODEPORT, FrontendKeyV4, MAGLEV_CAPACITY, MAGLEV_SIZES,
+    MAX_BACKENDS, MAX_FRONTENDS, MAX_SERVICES, SVC_F_DROP_NO_BACKEND, SVC_F_SOURCE_RANGES,
+    SVC_F_TERMINATING_FALLBACK, ServiceValue, maglev_class,
 };
 
 use crate::error::{Error, Result};
@@ -43,32 +43,32 @@ use crate::model::{
 use crate::writer::{MapState, Op, SrcRange};
 
 /// Planner settings.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PlanConfig {
-    /// Slots of every Maglev table: a prime ≤ [`MAGLEV_CAPACITY`].
-    pub maglev_size: u32,
-}
-
-impl Default for PlanConfig {
-    /// The default Maglev size ([`lb_common::MAGLEV_DEFAULT_SIZE`]).
-    fn default() -> Self {
-        Self {
-            maglev_size: lb_common::MAGLEV_DEFAULT_SIZE,
-        }
-    }
+    /// Slots of every Maglev table: a prime ≤ [`MAGLEV_CAPACITY`]. `None`
+    /// (the default): each service's table takes the smallest of
+    /// [`MAGLEV_SIZES`] that is at least 100 × its backends (the largest
+    /// beyond 163 backends), so a table costs memory and time in
+    /// proportion to its service. Either way every node computes the same
+    /// table for the same backends.
+    pub maglev_size: Option<u32>,
 }
 
 impl PlanConfig {
-    /// A validated configuration.
+    /// Every table of `maglev_size` slots, validated.
     pub fn new(maglev_size: u32) -> Result<Self> {
-        let cfg = Self { maglev_size };
+        let cfg = Self {
+            maglev_size: Some(maglev_size),
+        };
         cfg.validate()?;
         Ok(cfg)
     }
 
-    /// Checks that `maglev_size` is a prime ≤ [`MAGLEV_CAPACITY`].
+    /// Checks that a fixed `maglev_size` is a prime ≤ [`MAGLEV_CAPACITY`].
     pub fn validate(&self) -> Result<()> {
-        let n = self.maglev_size;
+        let Some(n) = self.maglev_size else {
+            return Ok(());
+        };
         if n as usize > MAGLEV_CAPACITY {
             return Err(Error::Config(format!(
                 "maglev size {n} is larger than the compiled capacity {MAGLEV_CAPACITY}"
@@ -82,6 +82,17 @@ impl PlanConfig {
             return Err(Error::Config(format!("maglev size {n} is not prime{hint}")));
         }
         Ok(())
+    }
+
+    /// The table size of a service with `backends` active backends.
+    pub fn maglev_size_for(&self, backends: usize) -> u32 {
+        self.maglev_size.unwrap_or_else(|| {
+            let want = 100 * backends as u64;
+            MAGLEV_SIZES
+                .into_iter()
+                .find(|&m| m as u64 >= want)
+                .unwrap_or(MAGLEV_CAPACITY as u32)
+        })
     }
 }
 
@@ -243,7 +254,6 @@ fn plan_scope(
     scope: Scope<'_>,
     cfg: &PlanConfig,
 ) -> Result<Vec<Op>> {
-    let size = cfg.maglev_size;
     let n_services = services.len();
     let n_backends: usize = services.iter().map(|(_, s)| s.backends.len()).sum();
     // What the plan may change, as it stands in the maps.
@@ -380,7 +390,8 @@ fn plan_scope(
 
     // Maglev tables and frontends.
     let mut ops_maglev = Vec::new();
-    let mut want_tables = BTreeSet::new();
+    // Service id → the size of its table.
+    let mut want_tables: BTreeMap<u32, u32> = BTreeMap::new();
     let mut want_lists: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
     let mut want_names: BTreeMap<u32, String> = BTreeMap::new();
     let mut want_fe: BTreeMap<FrontendKeyV4, ServiceValue> = BTreeMap::new();
@@ -399,8 +410,9 @@ fn plan_scope(
             let n = active.len().min(lb_common::BACKEND_LIST_CAPACITY);
             want_lists.insert(sid, active[..n].iter().map(|b| b.0).collect());
         }
+        let size = cfg.maglev_size_for(active.len());
         if has_table {
-            want_tables.insert(sid);
+            want_tables.insert(sid, size);
             let ids: BTreeSet<u32> = active.iter().map(|b| b.0).collect();
             let unchanged = current
                 .maglev
@@ -408,14 +420,13 @@ fn plan_scope(
                 .is_some_and(|t| t.size == size && t.members == ids);
             if !unchanged {
                 let names: Vec<&str> = active.iter().map(|b| b.1.as_str()).collect();
-                let mut table = Box::new(MaglevTable::default());
-                for (slot, idx) in maglev::populate(&names, size).into_iter().enumerate() {
-                    table.slots[slot] = active[idx as usize].0;
-                }
+                let slots = maglev::populate(&names, size)
+                    .into_iter()
+                    .map(|idx| active[idx as usize].0)
+                    .collect();
                 ops_maglev.push(Op::PutMaglev {
                     service_id: sid,
-                    table,
-                    size,
+                    slots,
                 });
             }
         }
@@ -549,9 +560,37 @@ fn plan_scope(
             ops.push(Op::DeleteServiceName { service_id });
         }
     }
+    // A table goes when its service does, or (after its frontends point
+    // to the new one) when it moved to another table map; stale ones too.
     for service_id in cur_tables {
-        if !want_tables.contains(&service_id) {
-            ops.push(Op::DeleteMaglev { service_id });
+        let old = current.maglev[&service_id].size;
+        let kept = want_tables
+            .get(&service_id)
+            .is_some_and(|&new| maglev_class(new) == maglev_class(old));
+        if !kept {
+            ops.push(Op::DeleteMaglev {
+                service_id,
+                size: old,
+            });
+        }
+    }
+    let stale: Vec<(u32, usize)> = match scope {
+        Scope::All => current.stale_tables.iter().copied().collect(),
+        Scope::Services(s) => s
+            .iter()
+            .flat_map(|&sid| current.stale_tables.range((sid, 0)..=(sid, usize::MAX)))
+            .copied()
+            .collect(),
+    };
+    for (service_id, class) in stale {
+        if want_tables
+            .get(&service_id)
+            .is_none_or(|&new| maglev_class(new) != class)
+        {
+            ops.push(Op::DeleteMaglev {
+                service_id,
+                size: MAGLEV_SIZES[class],
+            });
         }
     }
     for &(id, _) in &scope_backends {
@@ -600,6 +639,22 @@ fn service_value(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn table_sizes_follow_the_backends_unless_fixed() {
+        let auto = PlanConfig::default();
+        let sizes: Vec<u32> = [1, 10, 11, 40, 41, 163, 164, 1000]
+            .map(|n| auto.maglev_size_for(n))
+            .to_vec();
+        assert_eq!(
+            sizes,
+            [1_021, 1_021, 4_093, 4_093, 16_381, 16_381, 16_381, 16_381]
+        );
+        for m in MAGLEV_SIZES {
+            assert!(maglev::is_prime(m));
+        }
+        assert_eq!(PlanConfig::new(251).unwrap().maglev_size_for(1000), 251);
+    }
 
     #[test]
     fn config_is_validated() {

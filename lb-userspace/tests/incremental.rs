@@ -319,6 +319,7 @@ proptest! {
                 state.src_ranges.clone(),
                 state.backend_lists.clone(),
                 state.names.clone(),
+                state.stale_tables.clone(),
             );
             prop_assert_eq!(&rebuilt, &state);
             before = now;

@@ -13,8 +13,8 @@ use aya::{
     },
 };
 use lb_common::{
-    BACKEND_FREE, BACKEND_LIST_CAPACITY, BackendList, BackendV4, FrontendKeyV4, MAGLEV_CAPACITY,
-    MaglevTable, ServiceName, ServiceValue, SrcRangeV4, pin,
+    BACKEND_FREE, BACKEND_LIST_CAPACITY, BackendList, BackendV4, FrontendKeyV4, MAGLEV_SIZES,
+    MaglevTable, ServiceName, ServiceValue, SrcRangeV4, maglev_class, pin,
 };
 
 use super::{MaglevEntry, MapState, MapWriter, Op, SrcRange};
@@ -23,11 +23,82 @@ use crate::error::{Error, Result};
 /// Typed handles on the maps the agent writes.
 pub struct KernelMaps {
     frontends: HashMap<MapData, FrontendKeyV4, ServiceValue>,
-    maglev: HashMap<MapData, u32, MaglevTable>,
+    maglev: TableMaps,
     backends: Array<MapData, BackendV4>,
     src_ranges: LpmTrie<MapData, SrcRangeV4, u32>,
     lists: HashMap<MapData, u32, BackendList>,
     names: HashMap<MapData, u32, ServiceName>,
+}
+
+/// The three Maglev table maps, smallest tables first.
+struct TableMaps {
+    s: HashMap<MapData, u32, lb_common::MaglevTableS>,
+    m: HashMap<MapData, u32, lb_common::MaglevTableM>,
+    l: HashMap<MapData, u32, lb_common::MaglevTableL>,
+}
+
+impl TableMaps {
+    fn new(mut map: impl FnMut(&'static str) -> Result<Map>) -> Result<Self> {
+        let [s, m, l] = pin::MAGLEV;
+        Ok(Self {
+            s: map(s)?.try_into().map_err(|e| err(s, e))?,
+            m: map(m)?.try_into().map_err(|e| err(m, e))?,
+            l: map(l)?.try_into().map_err(|e| err(l, e))?,
+        })
+    }
+
+    /// Writes `slots` as service `sid`'s table, in the map their count selects.
+    fn put(&mut self, sid: u32, slots: &[u32]) -> Result<()> {
+        fn put<const N: usize>(
+            map: &mut HashMap<MapData, u32, MaglevTable<N>>,
+            sid: u32,
+            slots: &[u32],
+        ) -> std::result::Result<(), aya::maps::MapError> {
+            let mut t = Box::<MaglevTable<N>>::default();
+            let n = slots.len().min(N);
+            t.slots[..n].copy_from_slice(&slots[..n]);
+            map.insert(sid, t.as_ref(), 0)
+        }
+        let class = maglev_class(slots.len() as u32);
+        let r = match class {
+            0 => put(&mut self.s, sid, slots),
+            1 => put(&mut self.m, sid, slots),
+            _ => put(&mut self.l, sid, slots),
+        };
+        r.map_err(|e| err(pin::MAGLEV[class], format!("insert {sid}: {e}")))
+    }
+
+    fn remove(&mut self, sid: u32, size: u32) -> Result<()> {
+        let class = maglev_class(size);
+        let r = match class {
+            0 => self.s.remove(&sid),
+            1 => self.m.remove(&sid),
+            _ => self.l.remove(&sid),
+        };
+        r.map_err(|e| err(pin::MAGLEV[class], format!("remove {sid}: {e}")))
+    }
+
+    /// Every table: (service id, table map index, all its slots).
+    fn read(&self) -> Result<Vec<(u32, usize, Vec<u32>)>> {
+        fn read<const N: usize>(
+            map: &HashMap<MapData, u32, MaglevTable<N>>,
+            class: usize,
+            out: &mut Vec<(u32, usize, Vec<u32>)>,
+        ) -> Result<()> {
+            let name = pin::MAGLEV[class];
+            for key in map.keys() {
+                let sid = key.map_err(|e| err(name, e))?;
+                let t = map.get(&sid, 0).map_err(|e| err(name, e))?;
+                out.push((sid, class, t.slots.to_vec()));
+            }
+            Ok(())
+        }
+        let mut out = Vec::new();
+        read(&self.s, 0, &mut out)?;
+        read(&self.m, 1, &mut out)?;
+        read(&self.l, 2, &mut out)?;
+        Ok(out)
+    }
 }
 
 fn range_key(r: &SrcRange) -> Key<SrcRangeV4> {
@@ -56,9 +127,7 @@ impl KernelMaps {
             frontends: take(ebpf, pin::FRONTENDS_V4)?
                 .try_into()
                 .map_err(|e| err(pin::FRONTENDS_V4, e))?,
-            maglev: take(ebpf, pin::MAGLEV)?
-                .try_into()
-                .map_err(|e| err(pin::MAGLEV, e))?,
+            maglev: TableMaps::new(|name| take(ebpf, name))?,
             backends: take(ebpf, pin::BACKENDS_V4)?
                 .try_into()
                 .map_err(|e| err(pin::BACKENDS_V4, e))?,
@@ -81,8 +150,7 @@ impl KernelMaps {
         Ok(Self {
             frontends: HashMap::try_from(Map::HashMap(open(pin::FRONTENDS_V4)?))
                 .map_err(|e| err(pin::FRONTENDS_V4, e))?,
-            maglev: HashMap::try_from(Map::HashMap(open(pin::MAGLEV)?))
-                .map_err(|e| err(pin::MAGLEV, e))?,
+            maglev: TableMaps::new(|name| Ok(Map::HashMap(open(name)?)))?,
             backends: Array::try_from(Map::Array(open(pin::BACKENDS_V4)?))
                 .map_err(|e| err(pin::BACKENDS_V4, e))?,
             src_ranges: LpmTrie::try_from(Map::LpmTrie(open(pin::SRC_RANGES_V4)?))
@@ -103,12 +171,7 @@ impl MapWriter for KernelMaps {
                     .backends
                     .set(*id, value, 0)
                     .map_err(|e| err(pin::BACKENDS_V4, format!("set {id}: {e}")))?,
-                Op::PutMaglev {
-                    service_id, table, ..
-                } => self
-                    .maglev
-                    .insert(service_id, table.as_ref(), 0)
-                    .map_err(|e| err(pin::MAGLEV, format!("insert {service_id}: {e}")))?,
+                Op::PutMaglev { service_id, slots } => self.maglev.put(*service_id, slots)?,
                 Op::PutFrontend { key, value } => self
                     .frontends
                     .insert(key, value, 0)
@@ -117,10 +180,7 @@ impl MapWriter for KernelMaps {
                     .frontends
                     .remove(key)
                     .map_err(|e| err(pin::FRONTENDS_V4, format!("remove {key:?}: {e}")))?,
-                Op::DeleteMaglev { service_id } => self
-                    .maglev
-                    .remove(service_id)
-                    .map_err(|e| err(pin::MAGLEV, format!("remove {service_id}: {e}")))?,
+                Op::DeleteMaglev { service_id, size } => self.maglev.remove(*service_id, *size)?,
                 Op::PutSrcRange(r) => self
                     .src_ranges
                     .insert(&range_key(r), 1, 0)
@@ -177,14 +237,27 @@ impl MapWriter for KernelMaps {
             .values()
             .map(|v: &ServiceValue| (v.service_id, v.maglev_size))
             .collect();
+        // A service's table is the one in the map its frontends' size
+        // selects; any other is stale (or, without frontends, the first found).
         let mut maglev = BTreeMap::new();
-        for key in self.maglev.keys() {
-            let id = key.map_err(|e| err(pin::MAGLEV, e))?;
-            let table = self.maglev.get(&id, 0).map_err(|e| err(pin::MAGLEV, e))?;
+        let mut stale_tables = BTreeSet::new();
+        let mut found = self.maglev.read()?;
+        found.sort_by_key(|(sid, class, _)| {
+            (*sid, sizes.get(sid).map(|s| maglev_class(*s) != *class))
+        });
+        for (sid, class, slots) in found {
             let size = sizes
-                .get(&id)
-                .map_or(MAGLEV_CAPACITY, |s| (*s as usize).min(MAGLEV_CAPACITY));
-            maglev.insert(id, MaglevEntry::new(&table.slots[..size]));
+                .get(&sid)
+                .filter(|s| maglev_class(**s) == class)
+                .map_or(MAGLEV_SIZES[class] as usize, |s| *s as usize)
+                .min(slots.len());
+            if maglev.contains_key(&sid)
+                || sizes.get(&sid).is_some_and(|s| maglev_class(*s) != class)
+            {
+                stale_tables.insert((sid, class));
+            } else {
+                maglev.insert(sid, MaglevEntry::new(&slots[..size]));
+            }
         }
         let mut backends = BTreeMap::new();
         for (id, v) in self.backends.iter().enumerate() {
@@ -225,6 +298,7 @@ impl MapWriter for KernelMaps {
             src_ranges,
             backend_lists,
             names,
+            stale_tables,
         ))
     }
 }

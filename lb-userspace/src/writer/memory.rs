@@ -4,6 +4,7 @@ use std::{collections::BTreeMap, ops::Deref};
 
 use lb_common::{
     BackendV4, FrontendKeyV4, MAGLEV_CAPACITY, MAX_BACKENDS, MAX_FRONTENDS, MAX_SERVICES,
+    maglev_class,
 };
 
 use super::{MapState, MapWriter, Op};
@@ -17,7 +18,9 @@ use crate::error::{Error, Result};
 pub struct MemoryMaps {
     state: MapState,
     /// `LB_MAGLEV`: service id → the written slots of its table.
-    tables: BTreeMap<u32, Vec<u32>>,
+    /// `LB_MAGLEV_S/M/L`: (service id, table map index) → the written
+    /// slots of the table there.
+    tables: BTreeMap<(u32, usize), Vec<u32>>,
 }
 
 impl Deref for MemoryMaps {
@@ -46,7 +49,15 @@ impl MemoryMaps {
 
     /// The written slots of service `service_id`'s Maglev table.
     pub fn table(&self, service_id: u32) -> Option<&[u32]> {
-        self.tables.get(&service_id).map(Vec::as_slice)
+        let class = maglev_class(self.maglev.get(&service_id)?.size);
+        self.tables.get(&(service_id, class)).map(Vec::as_slice)
+    }
+
+    /// The table the datapath reads for frontend value `svc`: the one in
+    /// the table map its size selects.
+    fn table_of(&self, svc: &lb_common::ServiceValue) -> Option<&[u32]> {
+        let class = maglev_class(svc.maglev_size);
+        self.tables.get(&(svc.service_id, class)).map(Vec::as_slice)
     }
 
     /// The backend the datapath picks for a new flow to `key` whose flow
@@ -59,7 +70,7 @@ impl MemoryMaps {
         if svc.backend_count == 0 || svc.maglev_size == 0 {
             return None;
         }
-        let table = self.table(svc.service_id)?;
+        let table = self.table_of(svc)?;
         let slot = lb_common::hash::maglev_slot(flow_hash, svc.maglev_size);
         let id = *table.get(slot as usize)?;
         let b = self.backends.get(&id)?;
@@ -83,7 +94,7 @@ impl MemoryMaps {
         if svc.backend_count == 0 || svc.maglev_size == 0 {
             return None;
         }
-        let table = self.table(svc.service_id)?;
+        let table = self.table_of(svc)?;
         let slot_id = |h: u32| {
             let slot = lb_common::hash::maglev_slot(h, svc.maglev_size);
             table.get(slot as usize).copied()
@@ -122,7 +133,7 @@ impl MemoryMaps {
                 ));
             }
         }
-        for (sid, t) in &self.tables {
+        for ((sid, _), t) in &self.tables {
             for id in t {
                 match self.backends.get(id) {
                     Some(b) if b.service_id == *sid => {}
@@ -149,9 +160,9 @@ impl MemoryMaps {
         };
         let over = match op {
             Op::PutBackend { id, .. } => *id >= MAX_BACKENDS,
-            Op::PutMaglev {
-                service_id, size, ..
-            } => *service_id >= MAX_SERVICES || *size as usize > MAGLEV_CAPACITY,
+            Op::PutMaglev { service_id, slots } => {
+                *service_id >= MAX_SERVICES || slots.len() > MAGLEV_CAPACITY
+            }
             Op::PutFrontend { key, .. } => {
                 !self.frontends.contains_key(key) && self.frontends.len() >= MAX_FRONTENDS as usize
             }
@@ -163,7 +174,9 @@ impl MemoryMaps {
         if over {
             let map = match op {
                 Op::PutBackend { .. } => lb_common::pin::BACKENDS_V4,
-                Op::PutMaglev { .. } => lb_common::pin::MAGLEV,
+                Op::PutMaglev { slots, .. } => {
+                    lb_common::pin::MAGLEV[maglev_class(slots.len() as u32)]
+                }
                 Op::PutBackendList { .. } => lb_common::pin::SERVICE_BACKENDS,
                 Op::PutServiceName { .. } => lb_common::pin::SERVICE_NAMES,
                 _ => lb_common::pin::FRONTENDS_V4,
@@ -171,10 +184,11 @@ impl MemoryMaps {
             return Err(full(map, op));
         }
         if let Some((service_id, slots)) = op.maglev_slots() {
-            self.tables.insert(service_id, slots.to_vec());
+            let class = maglev_class(slots.len() as u32);
+            self.tables.insert((service_id, class), slots.to_vec());
         }
-        if let Op::DeleteMaglev { service_id } = op {
-            self.tables.remove(service_id);
+        if let Op::DeleteMaglev { service_id, size } = op {
+            self.tables.remove(&(*service_id, maglev_class(*size)));
         }
         self.state.apply_op(op);
         Ok(())

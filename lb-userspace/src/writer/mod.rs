@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use lb_common::{BackendV4, FrontendKeyV4, MaglevTable, ServiceValue};
+use lb_common::{BackendV4, FrontendKeyV4, ServiceValue, maglev_class};
 
 pub mod kernel;
 pub mod memory;
@@ -18,8 +18,13 @@ pub mod memory;
 pub struct MapState {
     /// `LB_FRONTENDS_V4`.
     pub frontends: BTreeMap<FrontendKeyV4, ServiceValue>,
-    /// `LB_MAGLEV`: service id → its table.
+    /// `LB_MAGLEV_S/M/L`: service id → its table (the one in the map its
+    /// size selects).
     pub maglev: BTreeMap<u32, MaglevEntry>,
+    /// Tables left in another table map than their service's current one
+    /// (an agent stopped between writing a resized table and removing the
+    /// old one): (service id, table map index). A full plan removes them.
+    pub stale_tables: BTreeSet<(u32, usize)>,
     /// `LB_BACKENDS_V4`, only the slots whose state is not `BACKEND_FREE`.
     pub backends: BTreeMap<u32, BackendV4>,
     /// `LB_SRC_RANGE_V4`: (service id, network address, prefix length).
@@ -155,12 +160,9 @@ pub struct SrcRange {
 pub enum Op {
     /// Write backend `id` (new backend, or a state change).
     PutBackend { id: u32, value: BackendV4 },
-    /// Replace the whole Maglev table of a service (one atomic map update).
-    PutMaglev {
-        service_id: u32,
-        table: Box<MaglevTable>,
-        size: u32,
-    },
+    /// Replace the whole Maglev table of a service (one atomic map update),
+    /// in the table map its size (`slots.len()`) selects.
+    PutMaglev { service_id: u32, slots: Vec<u32> },
     /// Admit a CIDR for a service (`loadBalancerSourceRanges`).
     PutSrcRange(SrcRange),
     /// Withdraw a CIDR.
@@ -180,8 +182,8 @@ pub enum Op {
     DeleteBackendList { service_id: u32 },
     /// Forget a service id's name.
     DeleteServiceName { service_id: u32 },
-    /// Remove a service's Maglev table.
-    DeleteMaglev { service_id: u32 },
+    /// Remove a service's Maglev table from the table map `size` selects.
+    DeleteMaglev { service_id: u32, size: u32 },
     /// Mark backend `id` free (array slots cannot be deleted). Flows still
     /// pinned to it are re-balanced on their next packet.
     FreeBackend { id: u32 },
@@ -197,18 +199,10 @@ pub trait MapWriter {
 }
 
 impl Op {
-    /// A `PutMaglev`'s service id and the slots it writes (the table's
-    /// first `size`; the kernel value holds the full capacity).
+    /// A `PutMaglev`'s service id and the slots it writes.
     pub fn maglev_slots(&self) -> Option<(u32, &[u32])> {
         match self {
-            Op::PutMaglev {
-                service_id,
-                table,
-                size,
-            } => Some((
-                *service_id,
-                &table.slots[..(*size as usize).min(table.slots.len())],
-            )),
+            Op::PutMaglev { service_id, slots } => Some((*service_id, slots)),
             _ => None,
         }
     }
@@ -223,10 +217,12 @@ impl MapState {
         src_ranges: BTreeSet<SrcRange>,
         backend_lists: BTreeMap<u32, Vec<u32>>,
         names: BTreeMap<u32, String>,
+        stale_tables: BTreeSet<(u32, usize)>,
     ) -> Self {
         let mut s = Self {
             frontends,
             maglev,
+            stale_tables,
             backends,
             src_ranges,
             backend_lists,
@@ -253,7 +249,8 @@ impl MapState {
             .keys()
             .chain(self.backend_lists.keys())
             .chain(self.names.keys())
-            .chain(self.src_ranges.iter().map(|r| &r.service_id));
+            .chain(self.src_ranges.iter().map(|r| &r.service_id))
+            .chain(self.stale_tables.iter().map(|(sid, _)| sid));
         for sid in keyed {
             idx.entry(*sid).or_default().keyed += 1;
         }
@@ -376,19 +373,37 @@ impl MapState {
                     });
                 }
             }
-            Op::PutMaglev { .. } => {
-                if let Some((service_id, slots)) = op.maglev_slots()
-                    && self
-                        .maglev
-                        .insert(service_id, MaglevEntry::new(slots))
-                        .is_none()
+            Op::PutMaglev { service_id, slots } => {
+                let sid = *service_id;
+                match self.maglev.insert(sid, MaglevEntry::new(slots)) {
+                    None => self.keyed(sid, true),
+                    // The old table stays in its own map until removed.
+                    Some(old) if maglev_class(old.size) != maglev_class(slots.len() as u32) => {
+                        if self.stale_tables.insert((sid, maglev_class(old.size))) {
+                            self.keyed(sid, true);
+                        }
+                    }
+                    Some(_) => {}
+                }
+                if self
+                    .stale_tables
+                    .remove(&(sid, maglev_class(slots.len() as u32)))
                 {
-                    self.keyed(service_id, true);
+                    self.keyed(sid, false);
                 }
             }
-            Op::DeleteMaglev { service_id } => {
-                if self.maglev.remove(service_id).is_some() {
-                    self.keyed(*service_id, false);
+            Op::DeleteMaglev { service_id, size } => {
+                let sid = *service_id;
+                let class = maglev_class(*size);
+                let live = self
+                    .maglev
+                    .get(&sid)
+                    .is_some_and(|t| maglev_class(t.size) == class);
+                if live {
+                    self.maglev.remove(&sid);
+                    self.keyed(sid, false);
+                } else if self.stale_tables.remove(&(sid, class)) {
+                    self.keyed(sid, false);
                 }
             }
             Op::PutSrcRange(r) => {

@@ -225,3 +225,78 @@ fn flow_is_rebalanced_when_its_backend_is_removed() {
         );
     }
 }
+
+/// Which table maps hold service `sid`'s table (`LB_MAGLEV_S`, `_M`, `_L`).
+fn table_maps_of(g: &Golden, sid: u32) -> Vec<&'static str> {
+    fn has<V: aya::Pod>(g: &Golden, name: &str, sid: u32) -> bool {
+        let m: HashMap<MapData, u32, V> = pinned::hash(&g.pins(), name).unwrap();
+        m.keys().any(|k| k.unwrap() == sid)
+    }
+    let [s, m, l] = pin::MAGLEV;
+    let found = [
+        has::<lb_common::MaglevTableS>(g, s, sid),
+        has::<lb_common::MaglevTableM>(g, m, sid),
+        has::<lb_common::MaglevTableL>(g, l, sid),
+    ];
+    pin::MAGLEV
+        .into_iter()
+        .zip(found)
+        .filter_map(|(n, f)| f.then_some(n))
+        .collect()
+}
+
+/// SYNs from the client ports `sports` to NodePort 30090: each DNAT'd to
+/// the reference's pick; the backends reached.
+fn new_flows(g: &mut Golden, sports: std::ops::Range<u16>) -> BTreeSet<[u8; 4]> {
+    let mut reached = BTreeSet::new();
+    for sport in sports {
+        let (verdict, out) = g.xdp(&tcp((CLIENT, sport), (NODE, 30090), true, b""));
+        assert_eq!(verdict, XDP_PASS);
+        let be = g.expected_backend(sport, 30090, IPPROTO_TCP);
+        assert_eq!(out, tcp((CLIENT, sport), be, true, b""));
+        reached.insert(be.0);
+    }
+    reached
+}
+
+#[test]
+fn a_table_sits_in_the_map_of_its_size_and_moves_when_its_service_grows() {
+    if !privileged() {
+        return;
+    }
+    let ips: Vec<String> = (1..=11).map(|i| format!("198.18.7.{i}")).collect();
+    let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
+    // The agent's default: each service's table sized by its backends.
+    let mut g = Golden::with_config(PlanConfig::default(), &ips[..10]);
+    let key = FrontendKeyV4 {
+        addr: NODE,
+        port_be: 30090u16.to_be(),
+        proto: IPPROTO_TCP,
+        _pad: 0,
+    };
+    let svc = g.memory.frontends[&key];
+    assert_eq!(svc.maglev_size, 1_021, "10 backends: 1,021 slots");
+    assert_eq!(table_maps_of(&g, svc.service_id), ["LB_MAGLEV_S"]);
+
+    // New flows go to the reference's pick, and reach every backend.
+    assert_eq!(new_flows(&mut g, 20_000..20_300).len(), 10);
+    let first = g.expected_backend(20_000, 30090, IPPROTO_TCP);
+
+    // An 11th backend: 4,093 slots, in LB_MAGLEV_M; the small table is gone.
+    g.set_endpoints(&ips);
+    let svc = g.memory.frontends[&key];
+    assert_eq!(svc.maglev_size, 4_093, "11 backends: 4,093 slots");
+    assert_eq!(table_maps_of(&g, svc.service_id), ["LB_MAGLEV_M"]);
+    assert_eq!(new_flows(&mut g, 30_000..30_400).len(), 11);
+    // A flow opened before keeps its backend.
+    let data = tcp((CLIENT, 20_000), (NODE, 30090), false, b"x");
+    let (verdict, out) = g.xdp(&data);
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(out, tcp((CLIENT, 20_000), first, false, b"x"));
+
+    // Back to 10: back to the small map.
+    g.set_endpoints(&ips[..10]);
+    let svc = g.memory.frontends[&key];
+    assert_eq!(svc.maglev_size, 1_021);
+    assert_eq!(table_maps_of(&g, svc.service_id), ["LB_MAGLEV_S"]);
+}

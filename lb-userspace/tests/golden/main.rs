@@ -219,12 +219,19 @@ struct Golden {
     dp: Datapath,
     maps: KernelMaps,
     memory: MemoryMaps,
+    /// The planner's settings: tables of 251 slots unless a test says.
+    cfg: PlanConfig,
     /// The pin directory (removed on drop) and a temporary directory.
     site: Site,
 }
 
 impl Golden {
     fn new(endpoints: &[&str]) -> Self {
+        Self::with_config(PlanConfig::new(251).expect("a prime"), endpoints)
+    }
+
+    /// As [`Golden::new`], planning with `cfg`.
+    fn with_config(cfg: PlanConfig, endpoints: &[&str]) -> Self {
         let site = Site::new("g").expect("a site for the pins");
         let mut dp = Datapath::load(&LoadOptions {
             bpffs_root: site.pins().to_owned(),
@@ -242,6 +249,7 @@ impl Golden {
             dp,
             maps,
             memory: MemoryMaps::default(),
+            cfg,
             site,
         };
         g.set_endpoints(endpoints);
@@ -265,7 +273,7 @@ impl Golden {
         };
         let desired = translate(&objects, &node).expect("translate").desired;
         let current = self.maps.read_state().expect("read state");
-        let ops = plan(&current, &desired, &PlanConfig { maglev_size: 251 }).expect("plan");
+        let ops = plan(&current, &desired, &self.cfg).expect("plan");
         self.maps.apply(&ops).expect("apply");
         self.memory.apply(&ops).expect("apply to memory");
         assert_eq!(
