@@ -347,12 +347,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
 
+    // Read before touching the kernel: a file that does not parse stops the
+    // start; objects that do not translate are left out and reported by the
+    // first sync (which uses these objects: the file is read once).
+    let mut first_objects = None;
     let mut source = match &args.manifests {
         Some(path) => {
-            // Read before touching the kernel: a file that does not parse
-            // stops the start; objects that do not translate are left out
-            // and reported by the first sync.
-            manifests::load(path)?;
+            first_objects = Some(manifests::load(path)?);
             Source::Manifests(path.clone())
         }
         None => {
@@ -418,8 +419,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut last_objects: Option<Objects> = None;
     let mut backoff = Backoff::default();
     let mut retry_at: Option<tokio::time::Instant> = None;
-    if let Source::Manifests(path) = &source {
-        let objects = manifests::load(path)?;
+    if let Some(objects) = first_objects {
         match pipeline.sync(&objects) {
             Ok(_) => {
                 shared.ready.store(true, Ordering::Relaxed);
