@@ -150,10 +150,13 @@ fn a_fin_from_each_side_or_a_rst_counts_a_flow_down_exactly_once() {
     // once, and never after the datapath did.
     g.xdp(&tcp((CLIENT, 44_004), (NODE, 30090), true, b""));
     assert_eq!(open_total(&g), 1);
-    assert!(close_with(&mut g.dp.ebpf, &fwd_key(44_004, 30090)).unwrap());
+    let token = |g: &Golden, sport| g.ct(&fwd_key(sport, 30090)).unwrap().token;
+    let t4 = token(&g, 44_004);
+    assert!(close_with(&mut g.dp.ebpf, &fwd_key(44_004, 30090), t4).unwrap());
     assert_eq!(open_total(&g), 0);
-    assert!(!close_with(&mut g.dp.ebpf, &fwd_key(44_004, 30090)).unwrap());
-    assert!(!close_with(&mut g.dp.ebpf, &fwd_key(44_000, 30090)).unwrap());
+    assert!(!close_with(&mut g.dp.ebpf, &fwd_key(44_004, 30090), t4).unwrap());
+    let t0 = token(&g, 44_000);
+    assert!(!close_with(&mut g.dp.ebpf, &fwd_key(44_000, 30090), t0).unwrap());
     assert_eq!(open_total(&g), 0);
 
     let s = g.stats();
