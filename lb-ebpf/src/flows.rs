@@ -47,7 +47,16 @@
 //! (`FLOW_END_COUNT`). Between two collections a count may thus include an
 //! evicted flow (or one that ended while the collector counted it: its
 //! RST or FINs make it expire at a later collection), or miss a re-pinned
-//! one; it never goes negative and never keeps a flow that is gone.
+//! one; it never goes negative, and a flow that is gone leaves its count at
+//! the first collection after the closed-flow grace.
+//!
+//! One race ends the same way: an [`install`] whose lookup returned an
+//! element that the collector retired, deleted and the kernel reused for
+//! another key, closed since, swaps its token into that element. The token
+//! is counted once and sits under the wrong key; the collector counts it
+//! down (that key's conntrack entry does not hold it) and counts the flow
+//! under its own key: the flow may be counted twice, or not at all, until
+//! the first collections after the grace.
 
 use aya_ebpf::{
     bindings::{
