@@ -95,8 +95,10 @@ pub const LC_SCAN_MAX: u32 = 64;
 /// table's slots instead (still even, no longer strictly in turn).
 pub const BACKEND_LIST_CAPACITY: usize = 1024;
 /// Capacity of the open-flow registry `LB_OPEN_FLOWS_V4` (one entry per
-/// counted flow). Not an LRU: when full, new flows are forwarded and pinned
-/// but not counted (`Stats::flows_untracked`).
+/// counted flow, and per closed flow until the agent's next collection).
+/// Preallocated, not an LRU: when full, new flows are forwarded and pinned
+/// but not counted at once (`Stats::flows_untracked`); the agent's collector
+/// counts them once there is room.
 pub const OPEN_FLOWS_DEFAULT_CAPACITY: u32 = 131_072;
 /// Bytes of a service name in `LB_SVC_NAMES` (`ns/name:port`, truncated).
 pub const SERVICE_NAME_LEN: usize = 248;
@@ -183,11 +185,50 @@ pub const REASON_LEAST_CONN: u8 = 5;
 /// `CtValueV4::choice` keeps the policy's detail.
 pub const REASON_TERMINATING_FALLBACK: u8 = 6;
 
-/// [`crate::maps::OpenFlowV4::open`]: the flow is counted in `LB_BE_OPEN`.
-pub const FLOW_OPEN: u64 = 1;
-/// [`crate::maps::OpenFlowV4::open`]: the flow was counted down; the entry is
-/// about to be deleted.
+/// [`crate::maps::OpenFlowV4::open`]: the entry's flow was counted down
+/// (or the entry is being reused); any other value except
+/// [`FLOW_RETIRED`] is the token of the counted flow ([`flow_token`]).
 pub const FLOW_CLOSED: u64 = 0;
+/// [`crate::maps::OpenFlowV4::open`]: the agent's collector is deleting this
+/// closed entry (no datapath operation matches it).
+pub const FLOW_RETIRED: u64 = u64::MAX;
+/// Low bits of a flow token that hold the backend id.
+pub const FLOW_TOKEN_BACKEND_BITS: u32 = 18;
+const _: () = assert!(MAX_BACKENDS <= 1 << FLOW_TOKEN_BACKEND_BITS);
+
+/// The token of a flow counted on `backend_id`, from the node-wide sequence
+/// number `seq` (`LB_FLOW_SEQ`, never reused: 2^46 counted flows before it
+/// wraps): unique per counted flow, never [`FLOW_CLOSED`] (`seq` ≥ 1) nor
+/// [`FLOW_RETIRED`]. It names the backend, so whoever counts a token down
+/// knows which count from the token alone.
+#[inline(always)]
+pub const fn flow_token(seq: u64, backend_id: u32) -> u64 {
+    (seq << FLOW_TOKEN_BACKEND_BITS) | (backend_id as u64 & ((1 << FLOW_TOKEN_BACKEND_BITS) - 1))
+}
+
+/// The backend id a token counts on.
+#[inline(always)]
+pub const fn token_backend(token: u64) -> u32 {
+    (token & ((1 << FLOW_TOKEN_BACKEND_BITS) - 1)) as u32
+}
+
+/// True if `open` (an [`crate::maps::OpenFlowV4::open`] word) holds a token,
+/// i.e. its flow is counted.
+#[inline(always)]
+pub const fn token_live(open: u64) -> bool {
+    open != FLOW_CLOSED && open != FLOW_RETIRED
+}
+
+/// [`crate::maps::FlowEndV4::op`]: count down the flow `token` of the key if
+/// its entry still holds that token.
+pub const FLOW_END_CLOSE: u32 = 0;
+/// [`crate::maps::FlowEndV4::op`]: count the flow `token` of the key (a live
+/// flow whose own count was never made or was moved away): insert its entry,
+/// or reuse the key's closed one. No change if the key holds a token.
+pub const FLOW_END_COUNT: u32 = 1;
+/// [`crate::maps::FlowEndV4::op`]: delete the key's entry if it is closed
+/// (marked [`FLOW_RETIRED`] first, so no open can reuse it meanwhile).
+pub const FLOW_END_RETIRE: u32 = 2;
 
 /// Default `sessionAffinityConfig.clientIP.timeoutSeconds` (kube-proxy's).
 pub const AFFINITY_DEFAULT_TIMEOUT_S: u32 = 10_800;
@@ -247,12 +288,14 @@ pub mod pin {
     pub const ROUND_ROBIN: &str = "LB_RR";
     /// Backend id → open flows on this node.
     pub const BACKEND_OPEN_FLOWS: &str = "LB_BE_OPEN";
-    /// Open-flow registry: forward key → backend (never evicts).
+    /// Open-flow registry: forward key → the counted flow's token (never evicts).
     pub const OPEN_FLOWS_V4: &str = "LB_OPEN_FLOWS_V4";
+    /// Sequence number of the flow tokens.
+    pub const FLOW_SEQ: &str = "LB_FLOW_SEQ";
     /// Service id → `ns/name:port`, for operators' tools.
     pub const SERVICE_NAMES: &str = "LB_SVC_NAMES";
     /// Every map the agent pins.
-    pub const ALL: [&str; 18] = [
+    pub const ALL: [&str; 19] = [
         FRONTENDS_V4,
         MAGLEV[0],
         MAGLEV[1],
@@ -270,6 +313,7 @@ pub mod pin {
         ROUND_ROBIN,
         BACKEND_OPEN_FLOWS,
         OPEN_FLOWS_V4,
+        FLOW_SEQ,
         SERVICE_NAMES,
     ];
 }
@@ -281,5 +325,23 @@ mod pin_dir_tests {
     #[test]
     fn pin_dir_names_the_map_version() {
         assert_eq!(super::PIN_DIR, std::format!("v{}", super::MAP_VERSION));
+    }
+
+    #[test]
+    fn a_token_names_its_backend_and_is_never_closed_nor_retired() {
+        use super::*;
+        for (seq, id) in [
+            (1, 0),
+            (1, MAX_BACKENDS - 1),
+            ((1 << 46) - 1, 7),
+            (42, 262_143),
+        ] {
+            let t = flow_token(seq, id);
+            assert_eq!(token_backend(t), id);
+            assert!(token_live(t), "{seq} {id}");
+            assert_eq!(t >> FLOW_TOKEN_BACKEND_BITS, seq);
+        }
+        assert_ne!(flow_token(1, 5), flow_token(2, 5));
+        assert!(!token_live(FLOW_CLOSED) && !token_live(FLOW_RETIRED));
     }
 }

@@ -199,6 +199,10 @@ pub struct CtValueV4 {
     pub choice: u32,
     /// Always 0.
     pub _pad2: u32,
+    /// The flow's token (`flow_token`, host order), the same in its forward
+    /// and reply entries: the open-flow registry holds it while the flow is
+    /// counted, and counting the flow down needs it (see [`OpenFlowV4`]).
+    pub token: u64,
 }
 
 impl CtValueV4 {
@@ -218,26 +222,48 @@ impl CtValueV4 {
     }
 }
 
-/// Value of `LB_OPEN_FLOWS_V4` (hash, not LRU, not preallocated; key: the
-/// flow's forward [`CtKeyV4`]): a flow counted in `LB_BE_OPEN`.
+/// Value of `LB_OPEN_FLOWS_V4` (preallocated hash, not LRU; key: the flow's
+/// forward [`CtKeyV4`]): a flow counted in `LB_BE_OPEN`, or a closed entry
+/// waiting for reuse or for the agent's collector to delete it.
 ///
-/// Counting protocol: a flow is counted up (`LB_BE_OPEN[backend_id] += 1`)
-/// by the insert that creates its entry with `open = FLOW_OPEN`, and counted
-/// down by whoever swaps `open` from `FLOW_OPEN` to `FLOW_CLOSED` (an atomic
-/// exchange, so exactly one of the datapath's RST / FIN-both-ways paths, a
-/// re-balance, or the agent's collector through `lb_flow_end` wins), who then
-/// deletes the entry. An entry is never evicted behind the program's back.
+/// Counting protocol (`lb-ebpf/src/flows.rs`): `open` holds the flow's token
+/// while it is counted. A flow is counted up (`LB_BE_OPEN[token_backend(t)]
+/// += 1`) by whoever installs its token `t`: an insert, or an atomic
+/// compare-and-swap of a closed entry from `FLOW_CLOSED` to `t`; it is
+/// counted down by whoever swaps `open` from `t` to `FLOW_CLOSED` (an atomic
+/// compare-and-swap, so exactly one of the datapath's RST / FIN-both-ways
+/// paths, a re-balance, or the agent's collector through `lb_flow_end`
+/// wins). Tokens are never reused, so a stale pointer to an entry that was
+/// deleted and reused for another flow can never match.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct OpenFlowV4 {
-    /// The backend the flow is counted on.
+    /// The backend the flow was counted on when the entry was inserted (for
+    /// operators; the count follows `open`'s token, which names it too).
     pub backend_id: u32,
     /// The service that balanced it.
     pub service_id: u32,
-    /// `bpf_ktime_get_ns()` when the flow was counted.
+    /// `bpf_ktime_get_ns()` when the entry was inserted.
     pub created_ns: u64,
-    /// `FLOW_OPEN` (1) while counted, `FLOW_CLOSED` (0) once counted down.
+    /// The counted flow's token; `FLOW_CLOSED` (0) once counted down;
+    /// `FLOW_RETIRED` while the collector deletes the entry.
     pub open: u64,
+}
+
+/// The input "packet" of `lb_flow_end`, run by the agent's collector through
+/// BPF_PROG_TEST_RUN: one operation of the counting protocol on one flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowEndV4 {
+    /// The flow's forward key.
+    pub key: CtKeyV4,
+    /// The flow's token (`FLOW_END_CLOSE`, `FLOW_END_COUNT`); 0 for
+    /// `FLOW_END_RETIRE`.
+    pub token: u64,
+    /// `FLOW_END_*`.
+    pub op: u32,
+    /// `FLOW_END_COUNT`: the flow's service (for the entry); else 0.
+    pub service_id: u32,
 }
 
 /// Value of `LB_SVC_BACKENDS` (hash, not preallocated; key: service id,
@@ -465,12 +491,15 @@ pub struct Stats {
     pub fib_no_neigh: u64,
     /// Forwarded packets handed to the kernel: no route, TTL expiring or MTU.
     pub fib_failed: u64,
-    /// Flows counted up in `LB_BE_OPEN` (registry inserts).
+    /// Flows counted up in `LB_BE_OPEN` by the datapath (a token installed
+    /// in the registry).
     pub flows_opened: u64,
     /// Flows counted down by the datapath (RST, FIN both ways, re-balance).
     pub flows_closed: u64,
-    /// New flows not counted: the open-flow registry was full (the flow is
-    /// still forwarded and pinned).
+    /// New flows not counted at once: the open-flow registry was full, or
+    /// the flow's key still held the token of an earlier flow whose
+    /// conntrack entry was evicted (the flow is still forwarded and pinned;
+    /// the agent's collector counts it at its next pass).
     pub flows_untracked: u64,
     /// New local flows dropped: the client endpoint already reaches the
     /// backend through another frontend and no other client port was free
@@ -583,8 +612,9 @@ const _: () = assert!(size_of::<MaglevTableM>().is_multiple_of(8));
 const _: () = assert!(size_of::<MaglevTableL>().is_multiple_of(8));
 const _: () = assert!(size_of::<BackendV4>() == 16);
 const _: () = assert!(size_of::<CtKeyV4>() == 16);
-const _: () = assert!(size_of::<CtValueV4>() == 48);
+const _: () = assert!(size_of::<CtValueV4>() == 56);
 const _: () = assert!(size_of::<OpenFlowV4>() == 24);
+const _: () = assert!(size_of::<FlowEndV4>() == 32);
 const _: () = assert!(size_of::<BackendList>() == 8 + 4 * BACKEND_LIST_CAPACITY);
 const _: () = assert!(size_of::<ServiceName>() == 8 + SERVICE_NAME_LEN);
 const _: () = assert!(size_of::<NatValueV4>() == 40);
@@ -614,6 +644,7 @@ mod pod {
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for SrcRangeV4 {}
     unsafe impl aya::Pod for OpenFlowV4 {}
+    unsafe impl aya::Pod for FlowEndV4 {}
     unsafe impl aya::Pod for BackendList {}
     unsafe impl aya::Pod for ServiceName {}
 }

@@ -50,11 +50,13 @@ pub fn packet_key(pkt: &PacketV4, dir: u8) -> CtKeyV4 {
 pub enum Lookup {
     /// The flow is pinned to this live backend (a copy of its entry).
     Hit(CtValueV4, BackendV4),
-    /// No entry: a new flow.
-    Miss,
+    /// No entry, or a new connection on the tuple of one that ended: a new
+    /// flow. `prev`: the token of the entry found, 0 if none.
+    Miss { prev: u64 },
     /// An entry whose backend is gone (freed, moved to another service, or
-    /// its id reused for another pod): the flow must be re-balanced.
-    Stale,
+    /// its id reused for another pod): the flow must be re-balanced. `prev`:
+    /// the entry's token.
+    Stale { prev: u64 },
 }
 
 /// Looks up the flow of `key`, checks that its backend still serves
@@ -62,24 +64,25 @@ pub enum Lookup {
 #[inline(always)]
 pub fn lookup_forward(key: &CtKeyV4, service_id: u32, tcp_flags: u8, now: u64) -> Lookup {
     let Some(ct) = LB_CT_V4.get_ptr_mut(key) else {
-        return Lookup::Miss;
+        return Lookup::Miss { prev: 0 };
     };
     // SAFETY: LRU entries stay valid for the program's run (RCU); concurrent
     // writers only touch flags and times, for which a lost update is harmless.
     let ct = unsafe { &mut *ct };
+    let prev = ct.token;
     let Some(be) = LB_BACKENDS_V4.get(ct.backend_id) else {
-        return Lookup::Stale;
+        return Lookup::Stale { prev };
     };
     if !flow::pins(ct, be, service_id) {
-        return Lookup::Stale;
+        return Lookup::Stale { prev };
     }
     if flow::syn_rebalances(tcp_flags, ct, be) {
         // A new connection on this tuple: balanced like any new flow if the
         // old one ended, re-balanced away from a terminating backend.
         return if be.state == BACKEND_ACTIVE {
-            Lookup::Miss
+            Lookup::Miss { prev }
         } else {
-            Lookup::Stale
+            Lookup::Stale { prev }
         };
     }
     if touch(ct, tcp_flags, now) && !ct.forwarded() {
@@ -124,9 +127,9 @@ pub enum Pinned {
     ReplyClash,
 }
 
-/// Pins the flow of `pkt` (flow hash `hash`) to backend `id`: writes the
-/// forward entry and, for a local backend (`snat` is `None`), the reply
-/// entry the TC program uses. A remote backend's replies come back through
+/// Pins the flow of `pkt` (flow hash `hash`) to backend `id` with its
+/// open-flow `token` (see `flows.rs`): writes the forward entry and, for a
+/// local backend (`snat` is `None`), the reply entry the TC program uses. A remote backend's replies come back through
 /// `LB_NAT_V4` instead.
 ///
 /// The reply key is what the pod sees (backend, client endpoint), which does
@@ -146,6 +149,7 @@ pub fn pin(
     reason: u8,
     choice: u32,
     snat: Option<([u8; 4], u16)>,
+    token: u64,
     now: u64,
 ) -> Pinned {
     let mut fwd = CtValueV4 {
@@ -163,6 +167,7 @@ pub fn pin(
         last_seen_ns: now,
         choice,
         _pad2: 0,
+        token,
     };
     let fkey = forward_key(pkt);
     if let Some((a, p)) = snat {

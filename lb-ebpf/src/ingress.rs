@@ -78,11 +78,11 @@ pub fn handle(ctx: &XdpContext) -> u32 {
             // Open-flow counts: a RST ends the flow, a FIN ends it once the
             // pod's FIN was seen too, a SYN (re)opens it (idempotent).
             if pkt.tcp_flags & CT_TCP_RST != 0 {
-                flows::close_counted(&fkey, st);
+                flows::close_counted(&fkey, ct.token, st);
             } else if pkt.tcp_flags & CT_TCP_FIN_FWD != 0 {
                 flows::client_fin(&fkey, &ct, st);
             } else if pkt.tcp_flags & CT_TCP_SYN != 0 {
-                flows::open(&fkey, ct.backend_id, svc.service_id, now, st);
+                flows::open(&fkey, ct.token, svc.service_id, now, st);
             }
             let remote = ct.forwarded();
             (
@@ -102,11 +102,17 @@ pub fn handle(ctx: &XdpContext) -> u32 {
                 });
                 return refuse(ctx, st, &svc, &pkt);
             };
-            let reason = if matches!(lookup, Lookup::Miss) {
-                choice.reason
-            } else {
-                st.rebalanced += 1;
-                REASON_REBALANCED
+            // `prev`: the token of the entry this pin replaces.
+            let (reason, prev) = match lookup {
+                Lookup::Miss { prev } => (choice.reason, prev),
+                Lookup::Stale { prev } => {
+                    st.rebalanced += 1;
+                    (REASON_REBALANCED, prev)
+                }
+                Lookup::Hit(ct, _) => {
+                    st.rebalanced += 1;
+                    (REASON_REBALANCED, ct.token)
+                }
             };
             if reason == REASON_AFFINITY {
                 st.affinity_hits += 1;
@@ -125,6 +131,7 @@ pub fn handle(ctx: &XdpContext) -> u32 {
                 };
                 Some(ep)
             };
+            let token = flows::next_token(choice.id);
             let pinned = conntrack::pin(
                 &pkt,
                 hash,
@@ -134,11 +141,28 @@ pub fn handle(ctx: &XdpContext) -> u32 {
                 reason,
                 choice.detail,
                 snat,
+                token,
                 now,
             );
+            // The earlier flow of this tuple (re-balanced, or ended and now
+            // followed by a new connection) is counted down: a no-op if it
+            // already was.
+            flows::close_counted(&fkey, prev, st);
             let src = match pinned {
-                Pinned::Yes(remap) => snat.or(remap),
+                Pinned::Yes(remap) => {
+                    // Counted from the moment it is pinned. A pin that
+                    // starts with a RST ends at once. Any other packet
+                    // counts, a FIN too: if the new pod does not hold the
+                    // connection it answers with a RST (TC counts the flow
+                    // down); if it does, its own FIN will.
+                    if pkt.tcp_flags & CT_TCP_RST == 0 {
+                        flows::open(&fkey, token, svc.service_id, now, st);
+                    }
+                    snat.or(remap)
+                }
                 Pinned::InsertFailed => {
+                    // Not pinned, so not counted: its next packet is a new
+                    // flow again.
                     st.ct_insert_failed += 1;
                     snat
                 }
@@ -147,16 +171,6 @@ pub fn handle(ctx: &XdpContext) -> u32 {
                     return XDP_DROP;
                 }
             };
-            // Counted from the moment it is pinned (a re-balanced flow
-            // moves from its old backend's count). A pin that starts with a
-            // RST ends at once. Any other packet counts, a FIN too: if the
-            // new pod does not hold the connection it answers with a RST
-            // (TC counts the flow down); if it does, its own FIN will.
-            if pkt.tcp_flags & CT_TCP_RST != 0 {
-                flows::close_counted(&fkey, st);
-            } else {
-                flows::open(&fkey, choice.id, svc.service_id, now, st);
-            }
             st.new_flows += 1;
             (choice.id, be, src, snat.is_some(), true)
         }

@@ -8,7 +8,7 @@
 //! ingress.rs    XDP: frontend → conntrack → select → DNAT → XDP_PASS
 //! select.rs     Maglev choice for new flows
 //! conntrack.rs  flow pinning (forward + reply entries)
-//! flows.rs      exact open-flow counts per backend (registry + atomic counts)
+//! flows.rs      exact open-flow counts per backend (tokens, registry, atomic counts)
 //! nat.rs        rewrites and checksums
 //! snat.rs       SNAT port reservation and reverse translation (remote backends)
 //! forward.rs    fib lookup, XDP_TX / XDP_REDIRECT
@@ -61,12 +61,13 @@ mod entry {
         crate::ingress::handle(&ctx)
     }
 
-    /// Ends one flow for the agent: the input "packet" is a flow's forward
-    /// `CtKeyV4` (16 bytes, run through BPF_PROG_TEST_RUN by the agent's
-    /// collector). Counts the flow down if it is still counted, under the
-    /// same exactly-once swap as the datapath's own closes, and deletes its
-    /// registry entry. Returns `XDP_PASS` if this call counted it down, else
-    /// `XDP_DROP`. Never attached to an interface.
+    /// The agent's side of the open-flow counting protocol: the input
+    /// "packet" is a `FlowEndV4` (a flow's forward key, its token and an
+    /// operation; run through BPF_PROG_TEST_RUN by the agent's collector).
+    /// Counts the flow down (`FLOW_END_CLOSE`) or up (`FLOW_END_COUNT`) under
+    /// the same compare-and-swaps as the datapath, or deletes a closed
+    /// registry entry (`FLOW_END_RETIRE`). Returns `XDP_PASS` if the
+    /// operation took effect, else `XDP_DROP`. Never attached to an interface.
     #[xdp]
     pub fn lb_flow_end(ctx: XdpContext) -> u32 {
         crate::flows::end_from_ctx(&ctx)

@@ -138,20 +138,28 @@ pub static LB_RR: Array<u64, { MAX_SERVICES as usize }> = Array::new();
 #[btf_map]
 pub static LB_BE_OPEN: Array<u64, { MAX_BACKENDS as usize }> = Array::new();
 
-/// Open-flow registry: a flow's forward key → the backend it is counted on.
-/// Inserted by XDP when a flow is pinned; counted down and deleted by XDP/TC
-/// (RST, FIN both ways, re-balance) or by the agent's collector through
-/// `lb_flow_end` (idle timeout, conntrack entry lost). Not LRU: never
-/// evicted behind the program's back; not preallocated, so an entry's memory
-/// stays valid (RCU) while a racing CPU swaps its `open` flag. Capacity
+/// Open-flow registry: a flow's forward key → the token of the flow counted
+/// on it (`open`), or `FLOW_CLOSED` once counted down. Tokens are installed
+/// and closed by XDP/TC (new flow, RST, FIN both ways, re-balance) and by
+/// the agent's collector through `lb_flow_end` (idle timeout, conntrack
+/// entry lost, flows it counts), only with compare-and-swaps; closed entries
+/// are reused by the next flow of the key or deleted by the collector. Not
+/// LRU: never evicted behind the program's back. Preallocated (a new flow
+/// costs no allocation): a deleted element may be reused at once, which the
+/// tokens make harmless (see `flows.rs`). Capacity
 /// `OPEN_FLOWS_DEFAULT_CAPACITY` (the agent sizes it to half the conntrack).
 #[btf_map]
 pub static LB_OPEN_FLOWS_V4: HashMap<
     CtKeyV4,
     OpenFlowV4,
     { OPEN_FLOWS_DEFAULT_CAPACITY as usize },
-    { BPF_F_NO_PREALLOC as usize },
 > = HashMap::new();
+
+/// The sequence number of flow tokens (`u64`, one entry), advanced with an
+/// atomic fetch-and-add by XDP for each pinned flow. Pinned, so tokens stay
+/// unique across agent restarts and program reloads.
+#[btf_map]
+pub static LB_FLOW_SEQ: Array<u64, 1> = Array::new();
 
 /// Service id → `ns/name:port`. Written by the agent for operators' tools
 /// (`lb-agent flows`, `lb-agent backends`, bpftool); not read by the datapath.

@@ -54,7 +54,7 @@ pub fn handle(ctx: &TcContext) -> i32 {
         // was seen too (the open-flow count goes down exactly once).
         let fkey = flow::forward_key_of_reply(&key, ct);
         if flags & CT_TCP_RST != 0 {
-            flows::close_counted(&fkey, st);
+            flows::close_counted(&fkey, ct.token, st);
         } else {
             flows::pod_fin(&fkey, st);
         }

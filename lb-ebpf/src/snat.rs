@@ -97,15 +97,16 @@ fn reclaimable(key: &CtKeyV4, n: &NatValueV4, now: u64) -> bool {
 }
 
 /// Takes the port of mapping (`key`, `old`) for a new flow: the half-open
-/// flow loses its forward entry first (its next packet is a new flow that
-/// finds another port) and its open-flow count, then the mapping is
+/// flow loses its open-flow count (read from its forward entry's token) and
+/// then its forward entry (its next packet is a new flow that finds another
+/// port), then the mapping is
 /// replaced by delete + insert-if-absent, so of two CPUs reclaiming one port
 /// only one gets it. True if this flow got it.
 #[inline(always)]
 fn reclaim(key: &CtKeyV4, old: &NatValueV4, value: NatValueV4, st: &mut Stats) -> bool {
     let fkey = flow::forward_key_of_nat(key, old);
+    flows::close_flow(&fkey, st);
     let _ = LB_CT_V4.remove(&fkey);
-    flows::close_counted(&fkey, st);
     let _ = LB_NAT_V4.remove(key);
     if LB_NAT_V4.insert(key, value, BPF_NOEXIST as u64).is_ok() {
         st.snat_reclaimed += 1;
@@ -128,7 +129,7 @@ pub fn reverse(pkt: &PacketV4, now: u64, st: &mut Stats) -> Option<(Endpoint, En
     if flags & (CT_TCP_RST | CT_TCP_FIN_REPLY) != 0 {
         let fkey = flow::forward_key_of_nat(&key, nat);
         if flags & CT_TCP_RST != 0 {
-            flows::close_counted(&fkey, st);
+            flows::close_flow(&fkey, st);
         } else {
             flows::pod_fin(&fkey, st);
         }

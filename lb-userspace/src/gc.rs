@@ -10,15 +10,18 @@
 //! is an LRU and would also evict on its own when full; the NAT map is not,
 //! so without this collection its ports would never come back.
 //!
-//! Open-flow counts: the datapath counts a TCP flow down itself on RST or
-//! FIN both ways; a flow the collector ends (idle timeout) is counted down
-//! through `lb_flow_end` ([`FlowCloser`]) before its entries go. The
-//! collector also reconciles the registry with conntrack: a counted flow
-//! whose forward conntrack entry is gone (the LRU evicted it) or names
-//! another backend is counted down once it has been counted longer than the
-//! closed-flow grace, or whose backend left the service (such flows are
-//! re-balanced, and counted again, on their next packet). Both go through the same exactly-once swap as the
-//! datapath, so no flow is counted down twice.
+//! Open-flow counts (the protocol is in `lb-ebpf/src/flows.rs`): the
+//! datapath counts a TCP flow down itself on RST or FIN both ways; a flow
+//! the collector ends (idle timeout) is counted down through `lb_flow_end`
+//! ([`FlowCloser`]) with the token of its conntrack entry before its entries
+//! go. The collector also reconciles the registry with conntrack, which the
+//! LRU may evict from: a counted entry older than the closed-flow grace
+//! whose key's forward conntrack entry is gone, holds another token, or
+//! pins a backend that left the service is counted down; a live flow whose
+//! token no registry entry holds (the registry was full, or its key still
+//! held the token of the evicted flow it replaced) is counted; closed
+//! entries are deleted. Every change goes through the same compare-and-swaps
+//! as the datapath's, so no flow is counted twice nor down twice.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -28,8 +31,8 @@ use std::{
 
 use aya::maps::{Array, HashMap, MapData};
 use lb_common::{
-    BackendV4, CT_DIR_FORWARD, CT_DIR_REPLY, CtKeyV4, CtValueV4, IPPROTO_TCP, NatValueV4,
-    OpenFlowV4, flow, pin,
+    BackendV4, CT_DIR_FORWARD, CT_DIR_REPLY, CtKeyV4, CtValueV4, FLOW_CLOSED, IPPROTO_TCP,
+    NatValueV4, OpenFlowV4, flow, pin, token_live,
 };
 use tracing::debug;
 
@@ -87,7 +90,12 @@ pub struct Collected {
     pub flows_removed: usize,
     /// Counted flows this collection counted down (idle, or reconciled).
     pub flows_closed: usize,
-    /// Entries of the open-flow registry before the collection.
+    /// Live flows this collection counted (not counted by the datapath).
+    pub flows_counted: usize,
+    /// Closed registry entries this collection deleted.
+    pub entries_retired: usize,
+    /// Entries of the open-flow registry before the collection (counted
+    /// and closed).
     pub open_flows: usize,
 }
 
@@ -141,9 +149,13 @@ impl Tables {
             nat_entries: nat.len(),
             flows_removed: 0,
             flows_closed: 0,
+            flows_counted: 0,
+            entries_retired: 0,
             open_flows: registry.len(),
         };
         let mut partners_seen = BTreeSet::new();
+        // Flows that go on (not expired, not ended by RST or FIN both ways).
+        let mut live = Vec::new();
         for (k, v) in ct.iter().filter(|(k, _)| k.dir == CT_DIR_FORWARD) {
             let partner = flow::partner_key(k, v);
             partners_seen.insert(partner);
@@ -166,7 +178,7 @@ impl Tables {
             if expired(k.proto, v.tcp_flags | other_flags, last, now_ns, t) {
                 // Counted down first (a no-op if the datapath already did).
                 if let Some(c) = &mut self.closer
-                    && c.close(k).unwrap_or(false)
+                    && c.close(k, v.token).unwrap_or(false)
                 {
                     out.flows_closed += 1;
                 }
@@ -179,6 +191,8 @@ impl Tables {
                     let _ = self.ct.remove(&partner);
                 }
                 out.flows_removed += 1;
+            } else if !(k.proto == IPPROTO_TCP && flow::tcp_closed(v.tcp_flags | other_flags)) {
+                live.push((*k, *v));
             }
         }
         let orphan =
@@ -194,30 +208,73 @@ impl Tables {
                 let _ = self.ct.remove(k);
             }
         }
-        // Reconcile the registry with conntrack: a flow counted longer than
-        // the grace whose forward entry is gone, pins another backend, or
-        // pins one that left the service (or whose id now names another
-        // pod: the datapath re-balances such a flow on its next packet).
         if let Some(c) = &mut self.closer {
-            for (k, f) in &registry {
-                let age = Duration::from_nanos(now_ns.saturating_sub(f.created_ns));
-                if age <= t.tcp_closed_grace {
-                    continue;
-                }
-                let still = self.ct.get(k, 0).ok().is_some_and(|v| {
-                    v.backend_id == f.backend_id
-                        && self
-                            .backends
-                            .get(&f.backend_id, 0)
-                            .is_ok_and(|b| flow::pins(&v, &b, f.service_id))
-                });
-                if !still && c.close(k).unwrap_or(false) {
-                    out.flows_closed += 1;
-                }
-            }
+            reconcile(
+                c,
+                &self.ct,
+                &self.backends,
+                &registry,
+                &live,
+                now_ns,
+                t,
+                &mut out,
+            );
         }
         debug!(?out, "garbage collection");
         out
+    }
+}
+
+/// Reconciles the registry (`registry`, read before conntrack) with
+/// conntrack (`live`: the forward entries of flows that go on):
+///
+/// 1. a counted entry older than the grace whose key's forward entry is
+///    gone, holds another token, or pins a backend that left the service
+///    (or whose id now names another pod: the datapath re-balances such a
+///    flow on its next packet) is counted down;
+/// 2. a live flow whose token the registry does not hold is counted (a
+///    no-op if the datapath counted it meanwhile);
+/// 3. entries that were closed are deleted (a no-op for one reused since).
+#[expect(clippy::too_many_arguments, reason = "one pass over the tables")]
+fn reconcile(
+    c: &mut FlowCloser,
+    ct: &HashMap<MapData, CtKeyV4, CtValueV4>,
+    backends: &Array<MapData, BackendV4>,
+    registry: &BTreeMap<CtKeyV4, OpenFlowV4>,
+    live: &[(CtKeyV4, CtValueV4)],
+    now_ns: u64,
+    t: &Timeouts,
+    out: &mut Collected,
+) {
+    let pins = |v: &CtValueV4| {
+        backends
+            .get(&v.backend_id, 0)
+            .is_ok_and(|b| flow::pins(v, &b, v.service_id))
+    };
+    for (k, f) in registry.iter().filter(|(_, f)| token_live(f.open)) {
+        let age = Duration::from_nanos(now_ns.saturating_sub(f.created_ns));
+        if age <= t.tcp_closed_grace {
+            continue;
+        }
+        // Read again: the snapshot may be older than the datapath's writes.
+        let still = ct
+            .get(k, 0)
+            .ok()
+            .is_some_and(|v| v.token == f.open && pins(&v));
+        if !still && c.close(k, f.open).unwrap_or(false) {
+            out.flows_closed += 1;
+        }
+    }
+    for (k, v) in live {
+        let counted = registry.get(k).is_some_and(|f| f.open == v.token);
+        if !counted && pins(v) && c.count(k, v.token, v.service_id).unwrap_or(false) {
+            out.flows_counted += 1;
+        }
+    }
+    for (k, _) in registry.iter().filter(|(_, f)| f.open == FLOW_CLOSED) {
+        if c.retire(k).unwrap_or(false) {
+            out.entries_retired += 1;
+        }
     }
 }
 

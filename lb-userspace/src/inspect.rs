@@ -2,9 +2,10 @@
 //! read from the pinned maps of the node (so they work while the agent is
 //! down, like bpftool).
 //!
-//! * A flow is listed while it is counted open (`LB_OPEN_FLOWS_V4`), with
-//!   its conntrack entry (`LB_CT_V4`) for the details: client, frontend,
-//!   backend, protocol, TCP state, age, idle time and why that backend.
+//! * A flow is listed while it is counted open (its token in
+//!   `LB_OPEN_FLOWS_V4`), with its conntrack entry (`LB_CT_V4`) for the
+//!   details: client, frontend, backend, protocol, TCP state, age, idle time
+//!   and why that backend.
 //! * A backend is listed with its service (`LB_SVC_NAMES`), state, open
 //!   flows (`LB_BE_OPEN`) and counters (`LB_BE_COUNTERS`). A backend the
 //!   agent removed but that still has open flows is listed as `removed`.
@@ -17,7 +18,7 @@ use lb_common::{
     CT_TCP_RST, CT_TCP_SYN, Counters, CtKeyV4, CtValueV4, FrontendKeyV4, IPPROTO_TCP, NatValueV4,
     OpenFlowV4, REASON_AFFINITY, REASON_LEAST_CONN, REASON_MAGLEV, REASON_REBALANCED,
     REASON_ROUND_ROBIN, REASON_TERMINATING_FALLBACK, SVC_F_TERMINATING_FALLBACK, ServiceName,
-    ServiceValue, flow, pin,
+    ServiceValue, flow, pin, token_backend, token_live,
 };
 use serde::Serialize;
 
@@ -159,7 +160,12 @@ impl Pinned {
         let backends: Array<_, BackendV4> = pinned::array(&self.dir, pin::BACKENDS_V4)?;
         let secs = |ns: u64| Duration::from_nanos(now_ns.saturating_sub(ns)).as_secs();
         let mut rows = Vec::new();
-        for (k, f) in reg.iter().filter_map(|r| r.ok()) {
+        // Closed entries (waiting for reuse or the collector) are not flows.
+        for (k, f) in reg
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(_, f)| token_live(f.open))
+        {
             let v = ct.get(&k, 0).ok();
             let (backend, state, age, idle, reason, choice) = match v {
                 Some(v) => {
@@ -191,7 +197,7 @@ impl Pinned {
                     )
                 }
                 None => {
-                    let b = backends.get(&f.backend_id, 0).unwrap_or_default();
+                    let b = backends.get(&token_backend(f.open), 0).unwrap_or_default();
                     (
                         endpoint(b.addr, b.port_be),
                         "no conntrack entry".to_owned(),

@@ -245,13 +245,13 @@ impl Datapath {
     }
 }
 
-/// Ends flows' open-flow counts on behalf of the agent: runs
+/// The agent's side of the open-flow counting protocol: runs
 /// `lb_flow_end` (same object, same pinned maps) through BPF_PROG_TEST_RUN
-/// with a flow's forward key as the packet. The count goes down only if the
-/// flow is still counted and this run wins the exactly-once swap, so the
-/// collector can never count a flow down twice or race the datapath; and a
-/// BPF program cannot be interrupted halfway, so an agent killed at any
-/// moment leaves every count consistent.
+/// with a [`lb_common::FlowEndV4`] as the packet. A count changes only
+/// under the same compare-and-swaps as the datapath's, so the collector can
+/// never count a flow twice or race the datapath; and a BPF program cannot
+/// be interrupted halfway, so an agent killed at any moment leaves every
+/// count consistent.
 pub struct FlowCloser {
     ebpf: Ebpf,
 }
@@ -269,22 +269,56 @@ impl FlowCloser {
         Ok(Self { ebpf })
     }
 
-    /// Ends flow `key` (its forward conntrack key). True if this call
-    /// counted it down.
-    pub fn close(&mut self, key: &lb_common::CtKeyV4) -> Result<bool> {
-        close_with(&mut self.ebpf, key)
+    /// Counts flow `key` (its forward conntrack key) down if its registry
+    /// entry holds `token`. True if this call counted it down.
+    pub fn close(&mut self, key: &lb_common::CtKeyV4, token: u64) -> Result<bool> {
+        flow_end(&mut self.ebpf, key, token, lb_common::FLOW_END_CLOSE, 0)
+    }
+
+    /// Counts the live flow `key` of `service_id` with its `token` (from its
+    /// forward conntrack entry). True if this call counted it.
+    pub fn count(&mut self, key: &lb_common::CtKeyV4, token: u64, service_id: u32) -> Result<bool> {
+        flow_end(
+            &mut self.ebpf,
+            key,
+            token,
+            lb_common::FLOW_END_COUNT,
+            service_id,
+        )
+    }
+
+    /// Deletes the registry entry of `key` if it is closed. True if deleted.
+    pub fn retire(&mut self, key: &lb_common::CtKeyV4) -> Result<bool> {
+        flow_end(&mut self.ebpf, key, 0, lb_common::FLOW_END_RETIRE, 0)
     }
 }
 
-/// Runs `lb_flow_end` of `ebpf` on `key`.
-pub fn close_with(ebpf: &mut Ebpf, key: &lb_common::CtKeyV4) -> Result<bool> {
+/// Runs `lb_flow_end` of `ebpf` to close flow `key` with `token`.
+pub fn close_with(ebpf: &mut Ebpf, key: &lb_common::CtKeyV4, token: u64) -> Result<bool> {
+    flow_end(ebpf, key, token, lb_common::FLOW_END_CLOSE, 0)
+}
+
+/// Runs `lb_flow_end` of `ebpf` on one request; true if it took effect.
+pub fn flow_end(
+    ebpf: &mut Ebpf,
+    key: &lb_common::CtKeyV4,
+    token: u64,
+    op: u32,
+    service_id: u32,
+) -> Result<bool> {
     use aya::{TestRun as _, programs::TestRunOptions};
     let prog: &mut Xdp = program(ebpf, FLOW_END_PROGRAM)?;
-    // SAFETY: `CtKeyV4` is plain old data (repr(C), no padding).
+    let req = lb_common::FlowEndV4 {
+        key: *key,
+        token,
+        op,
+        service_id,
+    };
+    // SAFETY: `FlowEndV4` is plain old data (repr(C), no padding).
     let bytes: &[u8] = unsafe {
         std::slice::from_raw_parts(
-            (key as *const lb_common::CtKeyV4).cast::<u8>(),
-            std::mem::size_of::<lb_common::CtKeyV4>(),
+            (&req as *const lb_common::FlowEndV4).cast::<u8>(),
+            std::mem::size_of::<lb_common::FlowEndV4>(),
         )
     };
     let mut out = [0u8; 64];

@@ -143,6 +143,10 @@ impl Kernel {
             nat: hash(&dir, pin::NAT_V4),
             affinity: hash(&dir, pin::AFFINITY_V4),
             open: hash(&dir, pin::OPEN_FLOWS_V4),
+            seq: pinned::array::<u64>(&dir, pin::FLOW_SEQ)
+                .unwrap()
+                .get(&0, 0)
+                .unwrap(),
             be_open: array(pin::BACKEND_OPEN_FLOWS, backends),
             rr: array(pin::ROUND_ROBIN, services),
             svc: per_cpu(pin::SERVICE_COUNTERS, services),
@@ -193,6 +197,12 @@ fn compare(want: &Flows, got: &Flows) -> Vec<String> {
     out.extend(diff("affinity", &w.affinity, &g.affinity));
     out.extend(diff("open flow", &w.open, &g.open));
     out.extend(diff("open count", &w.be_open, &g.be_open));
+    if w.seq != g.seq {
+        out.push(format!(
+            "flow token sequence: model {}, kernel {}",
+            w.seq, g.seq
+        ));
+    }
     out.extend(diff("round-robin turn", &w.rr, &g.rr));
     out.extend(diff("service counters", &w.svc, &g.svc));
     out.extend(diff("backend counters", &w.be, &g.be));

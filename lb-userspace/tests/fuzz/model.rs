@@ -15,14 +15,14 @@ use lb_common::{
     AffinityKeyV4, AffinityValue, BACKEND_ACTIVE, BACKEND_F_LOCAL, BACKEND_LIST_CAPACITY,
     BackendV4, CT_DIR_FORWARD, CT_DIR_REPLY, CT_DIR_SNAT, CT_F_PORT_REMAP, CT_F_SNAT, CT_TCP_ACK,
     CT_TCP_FIN_FWD, CT_TCP_FIN_REPLY, CT_TCP_RST, CT_TCP_SYN, Counters, CtKeyV4, CtValueV4,
-    DatapathConfig, FLOW_OPEN, IPPROTO_TCP, IPPROTO_UDP, LC_SCAN_MAX, MAGLEV_CAPACITY,
+    DatapathConfig, FLOW_CLOSED, IPPROTO_TCP, IPPROTO_UDP, LC_SCAN_MAX, MAGLEV_CAPACITY,
     MAX_BACKENDS, MAX_SERVICES, NatValueV4, OpenFlowV4, POLICY_LEAST_CONN, POLICY_ROUND_ROBIN,
     PORT_REMAP_LO, PORT_REMAP_TRIES, REASON_AFFINITY, REASON_LEAST_CONN, REASON_MAGLEV,
     REASON_REBALANCED, REASON_ROUND_ROBIN, REASON_TERMINATING_FALLBACK, SNAT_PORT_TRIES,
     SVC_F_DROP_NO_BACKEND, SVC_F_SOURCE_RANGES, SVC_F_TERMINATING_FALLBACK, ServiceValue, Stats,
-    csum, flow,
+    csum, flow, flow_token,
     hash::{flow_hash_v4, maglev_slot, rehash},
-    policy,
+    policy, token_backend, token_live,
 };
 use lb_userspace::writer::memory::MemoryMaps;
 
@@ -40,6 +40,8 @@ pub struct Flows {
     pub affinity: BTreeMap<AffinityKeyV4, AffinityValue>,
     pub open: BTreeMap<CtKeyV4, OpenFlowV4>,
     pub be_open: BTreeMap<u32, u64>,
+    /// `LB_FLOW_SEQ`: the last flow token's sequence number.
+    pub seq: u64,
     pub rr: BTreeMap<u32, u64>,
     pub svc: BTreeMap<u32, Counters>,
     pub be: BTreeMap<u32, Counters>,
@@ -404,42 +406,65 @@ impl Model<'_> {
         }
     }
 
-    fn close(&mut self, key: &CtKeyV4) -> bool {
-        let Some(e) = self.flows.open.remove(key) else {
+    fn next_token(&mut self, backend_id: u32) -> u64 {
+        self.flows.seq += 1;
+        flow_token(self.flows.seq, backend_id)
+    }
+
+    /// Counts down the flow of `key` if its registry entry holds `token`.
+    fn close(&mut self, key: &CtKeyV4, token: u64) -> bool {
+        if !token_live(token) {
             return false;
-        };
-        self.add_open(e.backend_id, -1);
+        }
+        match self.flows.open.get_mut(key) {
+            Some(e) if e.open == token => e.open = FLOW_CLOSED,
+            _ => return false,
+        }
+        self.add_open(token_backend(token), -1);
         true
     }
 
-    fn close_counted(&mut self, key: &CtKeyV4) {
-        if self.close(key) {
+    fn close_counted(&mut self, key: &CtKeyV4, token: u64) {
+        if self.close(key, token) {
             self.flows.stats.flows_closed += 1;
         }
     }
 
-    fn open(&mut self, key: &CtKeyV4, backend_id: u32, service_id: u32) {
-        for _ in 0..3 {
-            match self.flows.open.get(key) {
-                None => {
-                    self.flows.open.insert(
-                        *key,
-                        OpenFlowV4 {
-                            backend_id,
-                            service_id,
-                            created_ns: 0,
-                            open: FLOW_OPEN,
-                        },
-                    );
-                    self.add_open(backend_id, 1);
-                    self.flows.stats.flows_opened += 1;
-                    return;
-                }
-                Some(e) if e.backend_id == backend_id && e.open == FLOW_OPEN => return,
-                Some(_) => self.close_counted(key),
+    /// Closes the flow of `fkey` with the token of its forward entry.
+    fn close_flow(&mut self, fkey: &CtKeyV4) {
+        if let Some(token) = self.flows.ct.get(fkey).map(|c| c.token) {
+            self.close_counted(fkey, token);
+        }
+    }
+
+    /// Installs `token` in the entry of `key`: a new entry, or the key's
+    /// closed one; no change if it holds a token (this one: counted
+    /// already; another: not counted).
+    fn open(&mut self, key: &CtKeyV4, token: u64, service_id: u32) {
+        if !token_live(token) {
+            self.flows.stats.flows_untracked += 1;
+            return;
+        }
+        let backend_id = token_backend(token);
+        let fresh = OpenFlowV4 {
+            backend_id,
+            service_id,
+            created_ns: 0,
+            open: token,
+        };
+        match self.flows.open.get_mut(key) {
+            None => {
+                self.flows.open.insert(*key, fresh);
+            }
+            Some(e) if e.open == FLOW_CLOSED => *e = fresh,
+            Some(e) if e.open == token => return,
+            Some(_) => {
+                self.flows.stats.flows_untracked += 1;
+                return;
             }
         }
-        self.flows.stats.flows_untracked += 1;
+        self.add_open(backend_id, 1);
+        self.flows.stats.flows_opened += 1;
     }
 
     fn client_fin(&mut self, key: &CtKeyV4, ct: &CtValueV4) {
@@ -450,18 +475,15 @@ impl Model<'_> {
             self.flows.ct.get(&partner).map(|r| r.tcp_flags)
         };
         if reply.is_some_and(|f| f & CT_TCP_FIN_REPLY != 0) {
-            self.close_counted(key);
+            self.close_counted(key, ct.token);
         }
     }
 
     fn pod_fin(&mut self, fkey: &CtKeyV4) {
-        if self
-            .flows
-            .ct
-            .get(fkey)
-            .is_some_and(|c| c.tcp_flags & CT_TCP_FIN_FWD != 0)
+        if let Some(c) = self.flows.ct.get(fkey).copied()
+            && c.tcp_flags & CT_TCP_FIN_FWD != 0
         {
-            self.close_counted(fkey);
+            self.close_counted(fkey, c.token);
         }
     }
 
@@ -678,6 +700,7 @@ impl Model<'_> {
         reason: u8,
         choice: u32,
         snat: Option<Ep>,
+        token: u64,
     ) -> Result<Option<Ep>, ()> {
         let fkey = flow::key(
             (p.src, p.sport_be),
@@ -693,6 +716,7 @@ impl Model<'_> {
             tcp_flags: p.flags,
             reason,
             choice,
+            token,
             ..Default::default()
         };
         if let Some((a, port)) = snat {
@@ -819,21 +843,22 @@ impl Model<'_> {
             CT_DIR_FORWARD,
         );
         // Conntrack: Miss, Stale, or Hit with the entry after the touch.
+        // `prev`: the token of the entry found (0: none).
         enum Look {
-            Miss,
-            Stale,
+            Miss(u64),
+            Stale(u64),
             Hit(CtValueV4, BackendV4),
         }
         let look = match self.flows.ct.get(&fkey).copied() {
-            None => Look::Miss,
+            None => Look::Miss(0),
             Some(ct) => match self.backend(ct.backend_id) {
-                None => Look::Stale,
-                Some(be) if !flow::pins(&ct, &be, sid) => Look::Stale,
+                None => Look::Stale(ct.token),
+                Some(be) if !flow::pins(&ct, &be, sid) => Look::Stale(ct.token),
                 Some(be) if flow::syn_rebalances(p.flags, &ct, &be) => {
                     if be.state == BACKEND_ACTIVE {
-                        Look::Miss
+                        Look::Miss(ct.token)
                     } else {
-                        Look::Stale
+                        Look::Stale(ct.token)
                     }
                 }
                 Some(be) => {
@@ -847,11 +872,11 @@ impl Model<'_> {
             Look::Hit(ct, be) if ct.flags & CT_F_SNAT != 0 || be.flags & BACKEND_F_LOCAL != 0 => {
                 self.flows.stats.established += 1;
                 if p.flags & CT_TCP_RST != 0 {
-                    self.close_counted(&fkey);
+                    self.close_counted(&fkey, ct.token);
                 } else if p.flags & CT_TCP_FIN_FWD != 0 {
                     self.client_fin(&fkey, &ct);
                 } else if p.flags & CT_TCP_SYN != 0 {
-                    self.open(&fkey, ct.backend_id, sid);
+                    self.open(&fkey, ct.token, sid);
                 }
                 (
                     ct.backend_id,
@@ -869,11 +894,16 @@ impl Model<'_> {
                     }
                     return self.refuse(&b, &svc, &p);
                 };
-                let reason = if matches!(look, Look::Miss) {
-                    c.reason
-                } else {
-                    self.flows.stats.rebalanced += 1;
-                    REASON_REBALANCED
+                let (reason, prev) = match look {
+                    Look::Miss(prev) => (c.reason, prev),
+                    Look::Stale(prev) => {
+                        self.flows.stats.rebalanced += 1;
+                        (REASON_REBALANCED, prev)
+                    }
+                    Look::Hit(ct, _) => {
+                        self.flows.stats.rebalanced += 1;
+                        (REASON_REBALANCED, ct.token)
+                    }
                 };
                 if reason == REASON_AFFINITY {
                     self.flows.stats.affinity_hits += 1;
@@ -891,17 +921,19 @@ impl Model<'_> {
                     };
                     Some(ep)
                 };
-                let src = match self.pin(&p, hash, sid, c.id, &c.be, reason, c.detail, snat) {
+                let token = self.next_token(c.id);
+                let pinned = self.pin(&p, hash, sid, c.id, &c.be, reason, c.detail, snat, token);
+                // The tuple's earlier flow is counted down whatever the pin did.
+                self.close_counted(&fkey, prev);
+                let src = match pinned {
                     Ok(remap) => snat.or(remap),
                     Err(()) => {
                         self.flows.stats.drop_reply_clash += 1;
                         return (XDP_DROP, b);
                     }
                 };
-                if p.flags & CT_TCP_RST != 0 {
-                    self.close_counted(&fkey);
-                } else {
-                    self.open(&fkey, c.id, sid);
+                if p.flags & CT_TCP_RST == 0 {
+                    self.open(&fkey, token, sid);
                 }
                 self.flows.stats.new_flows += 1;
                 (c.id, c.be, src, snat.is_some(), true)
@@ -965,7 +997,7 @@ impl Model<'_> {
                 if flags & (CT_TCP_RST | CT_TCP_FIN_REPLY) != 0 {
                     let fkey = flow::forward_key_of_nat(&key, &n);
                     if flags & CT_TCP_RST != 0 {
-                        self.close_counted(&fkey);
+                        self.close_flow(&fkey);
                     } else {
                         self.pod_fin(&fkey);
                     }
@@ -1064,7 +1096,7 @@ impl Model<'_> {
         if flags & (CT_TCP_RST | CT_TCP_FIN_REPLY) != 0 {
             let fkey = flow::forward_key_of_reply(&key, &ct);
             if flags & CT_TCP_RST != 0 {
-                self.close_counted(&fkey);
+                self.close_counted(&fkey, ct.token);
             } else {
                 self.pod_fin(&fkey);
             }

@@ -1,6 +1,14 @@
 //! Round-robin and least-connection, and the exact open-flow counts they
 //! read: a flow counted down once whatever ends it, a re-balanced flow
-//! moving its count.
+//! moving its count, a flow whose conntrack entry the LRU evicted.
+
+use std::time::Duration;
+
+use lb_common::{FLOW_CLOSED, OpenFlowV4, token_backend};
+use lb_userspace::{
+    gc::{Tables, Timeouts, monotonic_ns},
+    loader::FlowCloser,
+};
 
 use super::*;
 
@@ -150,10 +158,13 @@ fn a_fin_from_each_side_or_a_rst_counts_a_flow_down_exactly_once() {
     // once, and never after the datapath did.
     g.xdp(&tcp((CLIENT, 44_004), (NODE, 30090), true, b""));
     assert_eq!(open_total(&g), 1);
-    assert!(close_with(&mut g.dp.ebpf, &fwd_key(44_004, 30090)).unwrap());
+    let token = |g: &Golden, sport| g.ct(&fwd_key(sport, 30090)).unwrap().token;
+    let t4 = token(&g, 44_004);
+    assert!(close_with(&mut g.dp.ebpf, &fwd_key(44_004, 30090), t4).unwrap());
     assert_eq!(open_total(&g), 0);
-    assert!(!close_with(&mut g.dp.ebpf, &fwd_key(44_004, 30090)).unwrap());
-    assert!(!close_with(&mut g.dp.ebpf, &fwd_key(44_000, 30090)).unwrap());
+    assert!(!close_with(&mut g.dp.ebpf, &fwd_key(44_004, 30090), t4).unwrap());
+    let t0 = token(&g, 44_000);
+    assert!(!close_with(&mut g.dp.ebpf, &fwd_key(44_000, 30090), t0).unwrap());
     assert_eq!(open_total(&g), 0);
 
     let s = g.stats();
@@ -191,4 +202,116 @@ fn a_rebalanced_flow_moves_its_count() {
         g.ct(&fwd_key(45_000, 30090)).unwrap().reason,
         REASON_REBALANCED
     );
+}
+
+/// The collector of `g`'s pinned maps, counting through `lb_flow_end`.
+fn collector(g: &Golden) -> Tables {
+    let closer = FlowCloser::open(&LoadOptions {
+        bpffs_root: g.site.pins().to_owned(),
+        ct_capacity: 4096,
+    })
+    .expect("load lb_flow_end");
+    Tables::open(&g.pins(), Some(closer)).expect("open tables")
+}
+
+fn registry(g: &Golden) -> Vec<(CtKeyV4, OpenFlowV4)> {
+    let m: HashMap<_, CtKeyV4, OpenFlowV4> = pinned::hash(&g.pins(), pin::OPEN_FLOWS_V4).unwrap();
+    m.iter().map(|r| r.unwrap()).collect()
+}
+
+#[test]
+fn a_new_flow_is_counted_once_and_closed_once_and_an_eviction_cannot_leak_its_count() {
+    if !privileged() {
+        return;
+    }
+    let mut g = Golden::new(&PODS);
+    let t = Timeouts {
+        udp_idle: Duration::from_secs(60),
+        tcp_idle: Duration::from_secs(7200),
+        tcp_closed_grace: Duration::from_secs(10),
+        tcp_syn: Duration::from_secs(60),
+    };
+    let later = |s: u64| monotonic_ns() + s * 1_000_000_000;
+    let key = fwd_key(48_000, 30090);
+
+    // A new flow: its token in conntrack (both entries) and in the registry,
+    // counted once on its backend; a retransmitted SYN changes nothing.
+    g.xdp(&tcp((CLIENT, 48_000), (NODE, 30090), true, b""));
+    g.xdp(&tcp((CLIENT, 48_000), (NODE, 30090), true, b""));
+    let be = g.expected_backend(48_000, 30090, IPPROTO_TCP);
+    let t1 = g.ct(&key).unwrap().token;
+    assert_eq!(token_backend(t1), g.backend_id(be.0));
+    let reply = flow::partner_key(&key, &g.ct(&key).unwrap());
+    assert_eq!(
+        g.ct(&reply).unwrap().token,
+        t1,
+        "the reply entry has it too"
+    );
+    assert_eq!(registry(&g).len(), 1);
+    assert_eq!(registry(&g)[0].1.open, t1);
+    assert_eq!(g.open_of(be.0), 1);
+    assert_eq!(g.stats().flows_opened, 1);
+
+    // The LRU evicts the forward entry; the next packet pins the flow again
+    // (same backend, new token) while the registry still holds the old
+    // token: neither lost nor counted twice.
+    g.conntrack().remove(&key).unwrap();
+    g.xdp(&tcp((CLIENT, 48_000), (NODE, 30090), false, b"x"));
+    let t2 = g.ct(&key).unwrap().token;
+    assert_ne!(t2, t1);
+    assert_eq!(g.open_of(be.0), 1);
+    assert_eq!(g.stats().flows_untracked, 1);
+    assert_eq!(registry(&g)[0].1.open, t1);
+
+    // The collector moves the count to the live flow's token: the old one
+    // counted down, the new one counted, in place.
+    let mut c = collector(&g);
+    let pass = c.collect(later(11), &t);
+    assert_eq!((pass.flows_closed, pass.flows_counted), (1, 1));
+    assert_eq!(g.open_of(be.0), 1);
+    assert_eq!(registry(&g).len(), 1);
+    assert_eq!(registry(&g)[0].1.open, t2);
+
+    // FIN both ways ends it once; the collector's close and a late RST
+    // change nothing after that.
+    g.xdp(&tcp_end((CLIENT, 48_000), (NODE, 30090), false));
+    g.tc(&tcp_end(be, (CLIENT, 48_000), false));
+    assert_eq!(g.open_of(be.0), 0);
+    assert!(!close_with(&mut g.dp.ebpf, &key, t2).unwrap());
+    assert!(!close_with(&mut g.dp.ebpf, &key, t1).unwrap());
+    g.xdp(&tcp_end((CLIENT, 48_000), (NODE, 30090), true));
+    assert_eq!(g.open_of(be.0), 0);
+    assert_eq!(
+        registry(&g)[0].1.open,
+        FLOW_CLOSED,
+        "closed, kept for reuse"
+    );
+
+    // A second flow whose conntrack entries are both evicted and that never
+    // sends again: the collector counts it down after the grace.
+    let key2 = fwd_key(48_001, 30090);
+    g.xdp(&tcp((CLIENT, 48_001), (NODE, 30090), true, b""));
+    let be2 = g.expected_backend(48_001, 30090, IPPROTO_TCP);
+    let open2 = g.open_of(be2.0);
+    let reply2 = flow::partner_key(&key2, &g.ct(&key2).unwrap());
+    g.conntrack().remove(&key2).unwrap();
+    g.conntrack().remove(&reply2).unwrap();
+    let early = c.collect(monotonic_ns(), &t);
+    assert_eq!(early.flows_closed, 0, "within the grace");
+    assert_eq!(early.entries_retired, 1, "the first flow's closed entry");
+    assert_eq!(g.open_of(be2.0), open2);
+    let pass = c.collect(later(11), &t);
+    assert_eq!(pass.flows_closed, 1, "the evicted flow");
+    assert_eq!(g.open_of(be2.0), open2 - 1);
+    assert_eq!(g.open_of(be.0), 0);
+
+    // The next pass deletes the second flow's closed entry: nothing is left.
+    let last = c.collect(later(12), &t);
+    assert_eq!(last.entries_retired, 1);
+    assert!(registry(&g).is_empty());
+    for p in PODS {
+        assert_eq!(g.open_of(p.parse::<Ipv4Addr>().unwrap().octets()), 0);
+    }
+    let s = g.stats();
+    assert_eq!((s.flows_opened, s.flows_closed), (2, 1));
 }
