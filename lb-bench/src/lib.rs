@@ -141,11 +141,19 @@ pub enum Part {
     ControlPlane,
 }
 
-/// `lb-bench --only PART`: that part's results, printed.
-pub fn only(agent: &Path, quick: bool, part: Part) -> Result<()> {
+/// `lb-bench --only PART`: that part's results, printed; `services`
+/// replaces the store sizes of the sync part.
+pub fn only(agent: &Path, quick: bool, part: Part, services: Option<usize>) -> Result<()> {
+    let efforts = match services {
+        Some(services) => vec![SyncEffort {
+            services,
+            changes: if quick { 100 } else { 1_000 },
+        }],
+        None => sync_efforts(quick),
+    };
     let v = match part {
         Part::Sync => Value::Array(
-            sync_efforts(quick)
+            efforts
                 .into_iter()
                 .map(|e| sync_latency(agent, e))
                 .collect::<Result<_>>()?,
@@ -583,8 +591,8 @@ pub fn sync_latency(agent_bin: &Path, effort: SyncEffort) -> Result<Value> {
         "synced_before_apply_returned": synced_before_apply_returned,
         "agent_errors_logged": errors,
         "first_full_sync_seconds_from_spawn": round2(first_sync_s),
-        "agent": "release lb-agent, --kubeconfig (kube-rs watcher on the API-server double, inside the node namespace), --metrics-addr off, default Maglev size 16381",
-        "method": "Each change flips the readiness of one endpoint of one EndpointSlice (round robin over the services), applied to the double's store; t0 = SystemTime right BEFORE Store::apply (read after apply returns, a preempted bench thread could read the clock after the agent had already synced: synced_before_apply_returned counts how often the agent's line is older than the end of apply; store_apply_us_p50 is the store's own work that t0 includes); t1 = the timestamp (RFC 3339, µs, UTC, same clock) of the agent's next `synced` log line with ops > 0, which the agent writes after the map writes of that sync; the next change waits for that line. Includes the watch stream, the reflector, a full translate + plan of every service in the store, and the map writes. Bookmarks every 60 s (as the real API server); syncs with 0 ops are skipped and counted.",
+        "agent": "release lb-agent, --kubeconfig (kube-rs watcher on the API-server double, inside the node namespace), --metrics-addr off, Maglev tables sized per service (1,021 slots for 10 endpoints)",
+        "method": "Each change flips the readiness of one endpoint of one EndpointSlice (round robin over the services), applied to the double's store; t0 = SystemTime right BEFORE Store::apply (read after apply returns, a preempted bench thread could read the clock after the agent had already synced: synced_before_apply_returned counts how often the agent's line is older than the end of apply; store_apply_us_p50 is the store's own work that t0 includes); t1 = the timestamp (RFC 3339, µs, UTC, same clock) of the agent's next `synced` log line with ops > 0, which the agent writes after the map writes of that sync; the next change waits for that line. Includes the watch stream, the reflector, translating and planning the changed service (the agent's incremental sync), and the map writes. Bookmarks every 60 s (as the real API server); syncs with 0 ops are skipped and counted.",
     }))
 }
 

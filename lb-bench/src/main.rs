@@ -31,6 +31,10 @@ struct Cli {
     /// while working on that part.
     #[arg(long, value_enum, conflicts_with_all = ["out", "render"])]
     only: Option<lb_bench::Part>,
+    /// With `--only sync`: this many services in the store instead of the
+    /// run's sizes.
+    #[arg(long, value_name = "N", requires = "only")]
+    services: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -38,7 +42,8 @@ fn main() -> ExitCode {
     let result = match (cli.render, cli.out, cli.agent) {
         (Some(json), Some(out), _) => lb_bench::render(&json, &out),
         (_, _, Some(agent)) if cli.only.is_some() => {
-            lb_bench::only(&agent, cli.quick, cli.only.unwrap_or(lb_bench::Part::Sync))
+            let part = cli.only.unwrap_or(lb_bench::Part::Sync);
+            lb_bench::only(&agent, cli.quick, part, cli.services)
         }
         (_, out, Some(agent)) => lb_bench::main(&agent, cli.quick, out),
         _ => Err(anyhow::anyhow!("--agent is required")),

@@ -128,9 +128,34 @@ struct Dirty {
     /// EndpointSlice (namespace, name) → the Service it was last labelled
     /// with, so that a relabelled slice marks both Services.
     slice_owner: HashMap<(String, String), ServiceKey>,
+    /// Service → the names of its EndpointSlices (the inverse of
+    /// `slice_owner`), so that an update finds them without a pass over
+    /// every slice.
+    slices_of: HashMap<ServiceKey, BTreeSet<String>>,
 }
 
 impl Dirty {
+    /// Records that slice `id` is labelled with `owner` now; the Service it
+    /// was labelled with before.
+    fn set_owner(&mut self, id: (String, String), owner: Option<ServiceKey>) -> Option<ServiceKey> {
+        let old = match &owner {
+            Some(k) => self.slice_owner.insert(id.clone(), k.clone()),
+            None => self.slice_owner.remove(&id),
+        };
+        if let Some(o) = &old
+            && let Some(names) = self.slices_of.get_mut(o)
+        {
+            names.remove(&id.1);
+            if names.is_empty() {
+                self.slices_of.remove(o);
+            }
+        }
+        if let Some(k) = owner {
+            self.slices_of.entry(k).or_default().insert(id.1);
+        }
+        old
+    }
+
     fn service(&mut self, ev: &watcher::Event<Service>) {
         match ev {
             watcher::Event::Apply(s) | watcher::Event::Delete(s) => {
@@ -151,10 +176,7 @@ impl Dirty {
         match ev {
             watcher::Event::Apply(s) | watcher::Event::InitApply(s) => {
                 let new = ServiceKey::of_slice(s);
-                let old = match &new {
-                    Some(k) => self.slice_owner.insert(id(s), k.clone()),
-                    None => self.slice_owner.remove(&id(s)),
-                };
+                let old = self.set_owner(id(s), new.clone());
                 // A re-list marks everything at its end.
                 if matches!(ev, watcher::Event::Apply(_)) {
                     self.services.extend(old);
@@ -162,7 +184,8 @@ impl Dirty {
                 }
             }
             watcher::Event::Delete(s) => {
-                self.services.extend(self.slice_owner.remove(&id(s)));
+                let old = self.set_owner(id(s), None);
+                self.services.extend(old);
                 self.services.extend(ServiceKey::of_slice(s));
             }
             watcher::Event::InitDone => self.all = true,
@@ -313,12 +336,22 @@ impl KubeSource {
         if !self.ready() {
             return None;
         }
-        let taken = {
+        let (all, keys, slice_names) = {
             let mut d = self.dirty.lock().ok()?;
             let all = std::mem::take(&mut d.all);
-            (all, std::mem::take(&mut d.services))
+            let keys = std::mem::take(&mut d.services);
+            let names: Vec<(String, String)> = keys
+                .iter()
+                .flat_map(|k| {
+                    d.slices_of
+                        .get(k)
+                        .into_iter()
+                        .flatten()
+                        .map(|n| (k.namespace.clone(), n.clone()))
+                })
+                .collect();
+            (all, keys, names)
         };
-        let (all, keys) = taken;
         if all {
             return Some((Scope::All, self.snapshot()?));
         }
@@ -330,10 +363,11 @@ impl KubeSource {
             })
             .map(|s| (*s).clone())
             .collect();
-        let slices = self
-            .slices
-            .state()
-            .into_iter()
+        // The index may be a moment behind the store: a slice is taken only
+        // if the store's version still names one of the Services.
+        let slices = slice_names
+            .iter()
+            .filter_map(|(ns, name)| self.slices.get(&reflector::ObjectRef::new(name).within(ns)))
             .filter(|s| ServiceKey::of_slice(s).is_some_and(|k| keys.contains(&k)))
             .map(|s| (*s).clone())
             .collect();
