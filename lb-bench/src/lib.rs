@@ -139,6 +139,9 @@ pub enum Part {
     Sync,
     /// Objects → ready dataplane and one added endpoint, with kube-proxy's.
     ControlPlane,
+    /// 1,000 EndpointSlice changes per second for 30 s (10 s with
+    /// `--quick`), at 10,000 services unless `--services` says.
+    Sustained,
 }
 
 /// `lb-bench --only PART`: that part's results, printed; `services`
@@ -159,6 +162,12 @@ pub fn only(agent: &Path, quick: bool, part: Part, services: Option<usize>) -> R
                 .collect::<Result<_>>()?,
         ),
         Part::ControlPlane => kubeproxy::control_plane(agent, quick)?,
+        Part::Sustained => sustained_sync(
+            agent,
+            services.unwrap_or(10_000),
+            1_000,
+            if quick { 10 } else { 30 },
+        )?,
     };
     println!("{}", serde_json::to_string_pretty(&v)?);
     Ok(())
@@ -370,6 +379,8 @@ struct LogTail {
 struct Synced {
     at: SystemTime,
     ops: u64,
+    /// How long the sync took (`ms="…"`), when the line says.
+    ms: Option<f64>,
 }
 
 impl LogTail {
@@ -379,6 +390,15 @@ impl LogTail {
             partial: String::new(),
             pending: Default::default(),
         })
+    }
+
+    /// Every `synced` line written so far and not read yet.
+    fn drain_synced(&mut self) -> Result<Vec<Synced>> {
+        let mut out = Vec::new();
+        while let Some(line) = self.next_line()? {
+            out.extend(parse_synced(&line)?);
+        }
+        Ok(out)
     }
 
     /// The next complete line, if one has been written.
@@ -440,7 +460,11 @@ fn parse_synced(line: &str) -> Result<Option<Synced>> {
         .find_map(|w| w.strip_prefix("ops="))
         .and_then(|v| v.parse().ok())
         .with_context(|| format!("no ops=N in {line:?}"))?;
-    Ok(Some(Synced { at, ops }))
+    let ms = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("ms="))
+        .and_then(|v| v.trim_matches('"').parse().ok());
+    Ok(Some(Synced { at, ops, ms }))
 }
 
 /// The median of `v` (unsorted).
@@ -459,62 +483,226 @@ fn percentile(v: &[f64], p: f64) -> f64 {
     v[rank.clamp(1, v.len()) - 1]
 }
 
+/// The agent in the lab watching the double, which holds `services`
+/// Services × `SYNC_ENDPOINTS` endpoints; after the agent's first sync.
+struct SyncLab {
+    api: ApiServer,
+    store: Store,
+    /// Readiness of every endpoint, as stored.
+    ready: Vec<Vec<bool>>,
+    tail: LogTail,
+    first_sync_s: f64,
+    // Declared last: dropped (its namespace removed) after the API server.
+    lab: Lab,
+}
+
+impl SyncLab {
+    fn start(agent_bin: &Path, services: usize) -> Result<Self> {
+        let mut lab = Lab::new(0)?;
+        lab.set_agent_bin(agent_bin.to_owned());
+        // Declared after the lab: dropped (stopped) before its namespace goes.
+        let api = lab
+            .node()
+            .run(|| {
+                ApiServer::start_with(
+                    Store::new(),
+                    "127.0.0.1:0".parse().expect("address"),
+                    // The real API server sends a bookmark about once a minute.
+                    Options {
+                        bookmark_interval: Duration::from_secs(60),
+                    },
+                )
+            })?
+            .context("start the API-server double in the node namespace")?;
+        let store = api.store().clone();
+        store
+            .apply_value(json!({
+                "apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": lab::manifest::NODE_NAME},
+                "status": {"addresses": [{"type": "InternalIP", "address": lab::NODE_ADDR.to_string()}]},
+            }))
+            .context("store the Node")?;
+        let ready = vec![vec![true; SYNC_ENDPOINTS]; services];
+        for (i, r) in ready.iter().enumerate() {
+            store
+                .apply_value(sync_service(i))
+                .context("store a Service")?;
+            store
+                .apply_value(sync_slice(i, r))
+                .context("store an EndpointSlice")?;
+        }
+        let kubeconfig = lab.dir().join("kubeconfig");
+        api.write_kubeconfig(&kubeconfig)?;
+
+        let started = Instant::now();
+        let extra = ["--metrics-addr".to_owned(), "off".to_owned()];
+        let log = lab
+            .spawn_agent_from(AgentSource::Kubeconfig(&kubeconfig), &extra)?
+            .log_path()
+            .to_owned();
+        let mut tail = LogTail::open(&log)?;
+        let mut skipped = 0usize;
+        tail.next_synced(FIRST_SYNC_TIMEOUT, &mut skipped, |_| true)
+            .context("the agent's first full sync")?;
+        let first_sync_s = started.elapsed().as_secs_f64();
+        Ok(Self {
+            api,
+            store,
+            ready,
+            tail,
+            first_sync_s,
+            lab,
+        })
+    }
+
+    /// Flips endpoint `e` of service `i` in the store; the time just before.
+    fn flip(&mut self, i: usize, e: usize) -> Result<(SystemTime, SystemTime)> {
+        self.ready[i][e] = !self.ready[i][e];
+        let slice = sync_slice(i, &self.ready[i]);
+        let before = SystemTime::now();
+        self.store
+            .apply_value(slice)
+            .context("change an EndpointSlice")?;
+        Ok((before, SystemTime::now()))
+    }
+
+    /// Stops the agent; the number of errors it logged.
+    fn stop(mut self) -> Result<usize> {
+        let agent_log = self.lab.stop_agent()?;
+        drop(self.api);
+        Ok(agent_log
+            .lines()
+            .filter(|l| l.contains(" ERROR ") || l.contains("sync failed"))
+            .count())
+    }
+}
+
+/// CPU seconds (user + system) process `pid` has used.
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The fields after the command name (which may hold spaces), from field 3.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(ticks / hz.max(1.0))
+}
+
+/// Sustained churn: `rate` EndpointSlice changes per second for `secs`
+/// seconds at `services` Services, applied on a fixed schedule whatever the
+/// agent does (it coalesces what arrives during a sync into the next one).
+pub fn sustained_sync(agent_bin: &Path, services: usize, rate: u32, secs: u64) -> Result<Value> {
+    let mut lab = SyncLab::start(agent_bin, services)?;
+    let pid = lab.lab.agent()?.pid().context("the agent's pid")?;
+    lab.tail.drain_synced()?;
+    println!(
+        "sync: agent synced {services} services in {:.2} s; {rate} changes/s for {secs} s",
+        lab.first_sync_s
+    );
+    let n = rate as u64 * secs;
+    let period = Duration::from_secs_f64(1.0 / rate as f64);
+    let cpu_before = cpu_seconds(pid)?;
+    let started = Instant::now();
+    let mut applied = Vec::with_capacity(n as usize);
+    let mut late = 0usize;
+    for k in 0..n as usize {
+        let due = started + period * k as u32;
+        match due.checked_duration_since(Instant::now()) {
+            Some(wait) => std::thread::sleep(wait),
+            None => late += 1,
+        }
+        let i = (k * 7_919) % services;
+        let e = (k / services) % SYNC_ENDPOINTS;
+        let (_, after) = lab.flip(i, e)?;
+        applied.push(after);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    // The last change is in the maps once a sync that started after it ends.
+    let last = *applied.last().context("no change applied")?;
+    let mut syncs = Vec::new();
+    let deadline = Instant::now() + CHANGE_TIMEOUT;
+    loop {
+        syncs.extend(lab.tail.drain_synced()?);
+        let done = syncs.iter().any(|s| {
+            let start = s.at - Duration::from_secs_f64(s.ms.unwrap_or(0.0) / 1e3);
+            start > last
+        });
+        if done {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("no sync after the last change within {CHANGE_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let cpu = cpu_seconds(pid)? - cpu_before;
+    let errors = lab.stop()?;
+
+    // A change is in the maps at the end of the first sync that started
+    // after the store applied it (an estimate: the watch event reaches the
+    // agent a moment after the store applies it, and a sync starting in
+    // that moment leaves it to the next one).
+    let starts: Vec<(SystemTime, SystemTime)> = syncs
+        .iter()
+        .map(|s| {
+            (
+                s.at - Duration::from_secs_f64(s.ms.unwrap_or(0.0) / 1e3),
+                s.at,
+            )
+        })
+        .collect();
+    let mut latencies: Vec<f64> = applied
+        .iter()
+        .filter_map(|&t| {
+            let (_, end) = starts.iter().find(|(start, _)| *start >= t)?;
+            Some(end.duration_since(t).ok()?.as_secs_f64() * 1e3)
+        })
+        .collect();
+    latencies.sort_by(f64::total_cmp);
+    let mut durations: Vec<f64> = syncs.iter().filter_map(|s| s.ms).collect();
+    durations.sort_by(f64::total_cmp);
+    let r3 = |x: f64| (x * 1000.0).round() / 1000.0;
+    let with_ops = syncs.iter().filter(|s| s.ops > 0).count();
+    println!(
+        "sync: {n} changes in {elapsed:.1} s: p50 {:.2} ms, p99 {:.2} ms; {} syncs; agent CPU {:.2} cores",
+        percentile(&latencies, 50.0),
+        percentile(&latencies, 99.0),
+        syncs.len(),
+        cpu / elapsed
+    );
+    Ok(json!({
+        "services_in_store": services,
+        "endpoints_per_service": SYNC_ENDPOINTS,
+        "rate_per_s": rate,
+        "seconds": secs,
+        "changes": n,
+        "changes_applied_late": late,
+        "applied_over_s": round2(elapsed),
+        "p50_ms": r3(percentile(&latencies, 50.0)),
+        "p99_ms": r3(percentile(&latencies, 99.0)),
+        "max_ms": r3(latencies.last().copied().unwrap_or(f64::NAN)),
+        "syncs": syncs.len(),
+        "syncs_with_ops": with_ops,
+        "changes_per_sync": round2(n as f64 / with_ops.max(1) as f64),
+        "sync_ms_p50": r3(percentile(&durations, 50.0)),
+        "sync_ms_p99": r3(percentile(&durations, 99.0)),
+        "agent_cpu_cores": round2(cpu / elapsed),
+        "agent_errors_logged": errors,
+        "method": "The same lab and double as the one-at-a-time runs. Changes (one endpoint's readiness flipped, spread over the services) are applied to the double's store on a fixed schedule, whatever the agent does. A change's latency: from the moment the store applied it to the end of the first sync that started after it (start = the `synced` line's time minus its `ms`); an estimate, since the watch event reaches the agent a moment after the store applies it. Agent CPU: utime + stime from /proc over the schedule, divided by its length.",
+    }))
+}
+
 /// The agent in the lab, watching the double; `effort.changes` EndpointSlice
 /// changes one at a time.
 pub fn sync_latency(agent_bin: &Path, effort: SyncEffort) -> Result<Value> {
-    let mut lab = Lab::new(0)?;
-    lab.set_agent_bin(agent_bin.to_owned());
-    // Declared after the lab: dropped (stopped) before its namespace goes.
-    let api = lab
-        .node()
-        .run(|| {
-            ApiServer::start_with(
-                Store::new(),
-                "127.0.0.1:0".parse().expect("address"),
-                // The real API server sends a bookmark about once a minute.
-                Options {
-                    bookmark_interval: Duration::from_secs(60),
-                },
-            )
-        })?
-        .context("start the API-server double in the node namespace")?;
-    let store = api.store().clone();
-    store
-        .apply_value(json!({
-            "apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": lab::manifest::NODE_NAME},
-            "status": {"addresses": [{"type": "InternalIP", "address": lab::NODE_ADDR.to_string()}]},
-        }))
-        .context("store the Node")?;
-    let mut ready = vec![vec![true; SYNC_ENDPOINTS]; effort.services];
-    for (i, r) in ready.iter().enumerate() {
-        store
-            .apply_value(sync_service(i))
-            .context("store a Service")?;
-        store
-            .apply_value(sync_slice(i, r))
-            .context("store an EndpointSlice")?;
-    }
-    let kubeconfig = lab.dir().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig)?;
-
-    let started = Instant::now();
-    let extra = ["--metrics-addr".to_owned(), "off".to_owned()];
-    let log = lab
-        .spawn_agent_from(AgentSource::Kubeconfig(&kubeconfig), &extra)?
-        .log_path()
-        .to_owned();
-    let mut tail = LogTail::open(&log)?;
-    let mut skipped = 0usize;
-    tail.next_synced(FIRST_SYNC_TIMEOUT, &mut skipped, |_| true)
-        .context("the agent's first full sync")?;
-    let first_sync_s = started.elapsed().as_secs_f64();
+    let mut lab = SyncLab::start(agent_bin, effort.services)?;
     println!(
-        "sync: agent synced {} services in {first_sync_s:.2} s (from spawn); applying {} changes",
-        effort.services, effort.changes
+        "sync: agent synced {} services in {:.2} s (from spawn); applying {} changes",
+        effort.services, lab.first_sync_s, effort.changes
     );
-
-    skipped = 0;
+    let mut skipped = 0usize;
     let mut latencies = Vec::with_capacity(effort.changes);
     let mut ops = Vec::with_capacity(effort.changes);
     let mut apply_us = Vec::with_capacity(effort.changes);
@@ -522,16 +710,10 @@ pub fn sync_latency(agent_bin: &Path, effort: SyncEffort) -> Result<Value> {
     for k in 0..effort.changes {
         let i = k % effort.services;
         let e = (k / effort.services) % SYNC_ENDPOINTS;
-        ready[i][e] = !ready[i][e];
-        let slice = sync_slice(i, &ready[i]);
         // t0 is taken just BEFORE the store applies the change: taken after
         // `apply` returns, a preempted bench thread (2 shared cores) saw
         // syncs that the agent had logged before it read the clock.
-        let before = SystemTime::now();
-        store
-            .apply_value(slice)
-            .context("change an EndpointSlice")?;
-        let after = SystemTime::now();
+        let (before, after) = lab.flip(i, e)?;
         apply_us.push(
             after
                 .duration_since(before)
@@ -539,7 +721,8 @@ pub fn sync_latency(agent_bin: &Path, effort: SyncEffort) -> Result<Value> {
                 .as_secs_f64()
                 * 1e6,
         );
-        let s = tail
+        let s = lab
+            .tail
             .next_synced(CHANGE_TIMEOUT, &mut skipped, |s| s.ops > 0)
             .with_context(|| format!("change #{k} (slice svc-{i:05}-x, endpoint {e})"))?;
         if s.at < after {
@@ -556,13 +739,8 @@ pub fn sync_latency(agent_bin: &Path, effort: SyncEffort) -> Result<Value> {
         latencies.push(dt);
         ops.push(s.ops);
     }
-    let agent_log = lab.stop_agent()?;
-    drop(api);
-    drop(lab);
-    let errors = agent_log
-        .lines()
-        .filter(|l| l.contains(" ERROR ") || l.contains("sync failed"))
-        .count();
+    let first_sync_s = lab.first_sync_s;
+    let errors = lab.stop()?;
 
     let mut sorted = latencies.clone();
     sorted.sort_by(f64::total_cmp);

@@ -226,13 +226,10 @@ impl<W: MapWriter> Pipeline<W> {
     fn publish(&self, desired: &crate::model::Desired, ops: Option<&[crate::writer::Op]>) {
         let m = &self.shared.metrics;
         let c = &self.current;
-        m.services.set(c.service_ids().count() as i64);
+        m.services.set(c.service_count() as i64);
         m.frontends.set(c.frontends.len() as i64);
-        for (state, code) in [
-            ("active", lb_common::BACKEND_ACTIVE),
-            ("terminating", lb_common::BACKEND_TERMINATING),
-        ] {
-            let n = c.backends.values().filter(|b| b.state == code).count();
+        let (active, terminating) = c.backend_states();
+        for (state, n) in [("active", active), ("terminating", terminating)] {
             m.backends
                 .get_or_create(&StateLabel { state })
                 .set(n as i64);

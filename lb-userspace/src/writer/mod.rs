@@ -43,6 +43,9 @@ pub struct MapState {
     /// one is found without a pass over the maps.
     backend_ids: IdSpace,
     service_ids: IdSpace,
+    /// Derived: how many backends are `BACKEND_ACTIVE` (the others are
+    /// terminating), for the gauges.
+    active_backends: usize,
 }
 
 /// The ids in use of one kind, as what is free: every id below the
@@ -90,6 +93,10 @@ impl IdSpace {
     fn free(&self) -> impl Iterator<Item = u32> + '_ {
         self.gaps.iter().copied().chain(self.next..)
     }
+}
+
+fn is_active(b: &BackendV4) -> bool {
+    b.state == lb_common::BACKEND_ACTIVE
 }
 
 /// Everything in the maps that belongs to one service id.
@@ -230,6 +237,7 @@ impl MapState {
             by_service: BTreeMap::new(),
             backend_ids: IdSpace::default(),
             service_ids: IdSpace::default(),
+            active_backends: 0,
         };
         s.reindex();
         s
@@ -262,7 +270,21 @@ impl MapState {
         for &id in self.backends.keys().filter(|&&i| i > 0) {
             self.backend_ids.used(id);
         }
+        self.active_backends = self.backends.values().filter(|b| is_active(b)).count();
         self.by_service = idx;
+    }
+
+    /// Service ids anything in the maps refers to.
+    pub fn service_count(&self) -> usize {
+        self.by_service.len()
+    }
+
+    /// Backends that take new flows, and backends that are terminating.
+    pub fn backend_states(&self) -> (usize, usize) {
+        (
+            self.active_backends,
+            self.backends.len() - self.active_backends,
+        )
     }
 
     /// Backend ids no map entry uses, ascending.
@@ -335,9 +357,13 @@ impl MapState {
                     self.backends.insert(*id, *value)
                 };
                 if let Some(o) = old {
+                    self.active_backends -= usize::from(is_active(&o));
                     self.refs(o.service_id, |r| {
                         r.backends.remove(id);
                     });
+                }
+                if !free {
+                    self.active_backends += usize::from(is_active(value));
                 }
                 if free {
                     self.backend_ids.freed(*id);
@@ -350,6 +376,7 @@ impl MapState {
             }
             Op::FreeBackend { id } => {
                 if let Some(o) = self.backends.remove(id) {
+                    self.active_backends -= usize::from(is_active(&o));
                     self.refs(o.service_id, |r| {
                         r.backends.remove(id);
                     });
