@@ -120,6 +120,14 @@ fn quick_bench_has_every_section_with_sane_numbers() {
     assert!(num(&r, "sync_latency.p50_ms") <= num(&r, "sync_latency.p99_ms"));
     assert!(num(&r, "sync_latency.p99_ms") <= num(&r, "sync_latency.max_ms"));
     assert_eq!(r["sync_latency"]["agent_errors_logged"], 0);
+    // Sustained churn (quick: 1,000 changes/s for 5 s at 1,000 services):
+    // every change reached the maps, no error.
+    let sus = &r["sync_latency"]["sustained"];
+    assert_eq!(sus["changes"], 5_000);
+    assert_eq!(sus["agent_errors_logged"], 0);
+    within(&r, "sync_latency.sustained.p50_ms", 0.0, 10_000.0);
+    assert!(num(&r, "sync_latency.sustained.p50_ms") <= num(&r, "sync_latency.sustained.p99_ms"));
+    within(&r, "sync_latency.sustained.agent_cpu_cores", 0.0, 2.0);
 
     // 4. Short connections: every system at every point of both axes (quick:
     // 1 and 1,000 services; 2 and 100 endpoints), each answering, with
