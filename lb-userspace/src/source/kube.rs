@@ -384,3 +384,82 @@ impl KubeSource {
         self.node.state().into_iter().next()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slice(name: &str, service: Option<&str>) -> EndpointSlice {
+        let mut s = EndpointSlice {
+            address_type: "IPv4".into(),
+            ..Default::default()
+        };
+        s.metadata.namespace = Some("a".into());
+        s.metadata.name = Some(name.into());
+        s.metadata.labels = service.map(|svc| {
+            [(
+                crate::translate::LABEL_SERVICE_NAME.to_owned(),
+                svc.to_owned(),
+            )]
+            .into()
+        });
+        s
+    }
+
+    fn key(name: &str) -> ServiceKey {
+        ServiceKey {
+            namespace: "a".into(),
+            name: name.into(),
+        }
+    }
+
+    fn taken(d: &mut Dirty) -> Vec<String> {
+        std::mem::take(&mut d.services)
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn a_slice_event_marks_its_service_before_and_after_a_relabel() {
+        let mut d = Dirty::default();
+        // Listed: indexed, nothing marked until the list is done.
+        d.slice(&watcher::Event::InitApply(slice("e1", Some("web"))));
+        assert!(taken(&mut d).is_empty());
+        d.slice(&watcher::Event::InitDone);
+        assert!(d.all);
+        assert_eq!(d.slices_of[&key("web")], ["e1".to_owned()].into());
+
+        d.slice(&watcher::Event::Apply(slice("e1", Some("web"))));
+        assert_eq!(taken(&mut d), ["a/web"]);
+        // Relabelled: both Services change; the index follows.
+        d.slice(&watcher::Event::Apply(slice("e1", Some("api"))));
+        assert_eq!(taken(&mut d), ["a/api", "a/web"]);
+        assert!(!d.slices_of.contains_key(&key("web")));
+        assert_eq!(d.slices_of[&key("api")], ["e1".to_owned()].into());
+        // Label removed, then deleted: the last owner is marked each time.
+        d.slice(&watcher::Event::Apply(slice("e1", None)));
+        assert_eq!(taken(&mut d), ["a/api"]);
+        assert!(d.slices_of.is_empty());
+        d.slice(&watcher::Event::Apply(slice("e2", Some("web"))));
+        d.slice(&watcher::Event::Delete(slice("e2", Some("web"))));
+        assert_eq!(taken(&mut d), ["a/web"]);
+        assert!(d.slices_of.is_empty() && d.slice_owner.is_empty());
+    }
+
+    #[test]
+    fn a_service_event_marks_it_and_a_relist_marks_everything() {
+        let mut d = Dirty::default();
+        let mut svc = Service::default();
+        svc.metadata.namespace = Some("a".into());
+        svc.metadata.name = Some("web".into());
+        d.service(&watcher::Event::Apply(svc.clone()));
+        d.service(&watcher::Event::Delete(svc));
+        assert_eq!(taken(&mut d), ["a/web"]);
+        assert!(!d.all);
+        d.service(&watcher::Event::Init);
+        assert!(!d.all);
+        d.service(&watcher::Event::InitDone);
+        assert!(d.all);
+    }
+}
