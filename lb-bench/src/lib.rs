@@ -147,6 +147,10 @@ pub enum Part {
     Sync,
     /// Objects → ready dataplane and one added endpoint, with kube-proxy's.
     ControlPlane,
+    /// The agent's side of the control-plane part only (first sync, one
+    /// endpoint through SIGHUP, kernel and agent memory), at 10,000
+    /// services unless `--services` says.
+    Agent,
     /// 1,000 EndpointSlice changes per second for 30 s (10 s with
     /// `--quick`), at 10,000 services unless `--services` says.
     Sustained,
@@ -170,6 +174,10 @@ pub fn only(agent: &Path, quick: bool, part: Part, services: Option<usize>) -> R
                 .collect::<Result<_>>()?,
         ),
         Part::ControlPlane => kubeproxy::control_plane(agent, quick)?,
+        Part::Agent => kubeproxy::control_plane::agent_only(
+            agent,
+            services.unwrap_or(kubeproxy::control_plane::SERVICES),
+        )?,
         Part::Sustained => sustained_sync(
             agent,
             services.unwrap_or(10_000),

@@ -31,8 +31,8 @@ struct Cli {
     /// while working on that part.
     #[arg(long, value_enum, conflicts_with_all = ["out", "render"])]
     only: Option<lb_bench::Part>,
-    /// With `--only sync`: this many services in the store instead of the
-    /// run's sizes.
+    /// With `--only sync|sustained|agent`: this many services instead of
+    /// the part's sizes.
     #[arg(long, value_name = "N", requires = "only")]
     services: Option<usize>,
 }

@@ -6,10 +6,10 @@
 /// Layout version of the pinned maps. Pins live under
 /// `<bpffs-root>/v<MAP_VERSION>/` so that an agent with a new layout never
 /// reuses maps written with an old one.
-pub const MAP_VERSION: u32 = 4;
+pub const MAP_VERSION: u32 = 5;
 /// The directory of [`MAP_VERSION`]'s pins under the bpffs root: `v` and
 /// the version (a unit test keeps the two together).
-pub const PIN_DIR: &str = "v4";
+pub const PIN_DIR: &str = "v5";
 
 /// Maximum number of service ports (one Maglev table each). Ids run from 1;
 /// 0 means "none".

@@ -380,8 +380,8 @@ pub struct DatapathConfig {
     pub snat_port_hi: u16,
 }
 
-/// Value of `LB_SVC_COUNTERS` and `LB_BE_COUNTERS` (per-CPU arrays indexed by
-/// service id and backend id); the agent sums over CPUs.
+/// Value of `LB_SVC_COUNTERS` (per-CPU array indexed by service id); the
+/// agent sums over CPUs.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Counters {
@@ -397,6 +397,25 @@ pub struct Counters {
     /// Packets dropped because the client is outside the service's
     /// `loadBalancerSourceRanges`.
     pub denied: u64,
+}
+
+/// Value of `LB_BE_COUNTERS` (array indexed by backend id, shared by all
+/// CPUs: the datapath adds with atomic instructions).
+///
+/// Not per-CPU on purpose: a per-CPU map costs entries × value × possible
+/// CPUs, and with `MAX_BACKENDS` entries that is 3 MiB per CPU, over a GiB on
+/// a 128-CPU node whether or not a backend exists. Shared, it costs 6 MiB on
+/// any node; the price is that CPUs sending to the same backend at the same
+/// time contend for its cache line (the per-service counters stay per-CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BackendCounters {
+    /// Packets balanced to this backend (forward direction, XDP).
+    pub packets: u64,
+    /// Bytes of those packets, Ethernet header included.
+    pub bytes: u64,
+    /// New flows pinned to this backend.
+    pub new_flows: u64,
 }
 
 /// Key of `LB_AFFINITY_V4` (LRU hash): a client of a service with
@@ -620,6 +639,7 @@ const _: () = assert!(size_of::<ServiceName>() == 8 + SERVICE_NAME_LEN);
 const _: () = assert!(size_of::<NatValueV4>() == 40);
 const _: () = assert!(size_of::<DatapathConfig>() == 8);
 const _: () = assert!(size_of::<Counters>() == 40);
+const _: () = assert!(size_of::<BackendCounters>() == 24);
 const _: () = assert!(size_of::<AffinityKeyV4>() == 8);
 const _: () = assert!(size_of::<AffinityValue>() == 16);
 const _: () = assert!(size_of::<SrcRangeV4>() == 8);
@@ -639,6 +659,7 @@ mod pod {
     unsafe impl aya::Pod for NatValueV4 {}
     unsafe impl aya::Pod for DatapathConfig {}
     unsafe impl aya::Pod for Counters {}
+    unsafe impl aya::Pod for BackendCounters {}
     unsafe impl aya::Pod for Stats {}
     unsafe impl aya::Pod for AffinityKeyV4 {}
     unsafe impl aya::Pod for AffinityValue {}

@@ -15,6 +15,7 @@ use lb_common::{
 };
 
 use crate::{
+    atomic,
     conntrack::{self, Lookup, Pinned},
     flows, forward, icmp,
     maps::{LB_BE_COUNTERS, LB_FRONTENDS_V4, LB_SRC_RANGE_V4, LB_STATS, LB_SVC_COUNTERS},
@@ -179,15 +180,24 @@ pub fn handle(ctx: &XdpContext) -> u32 {
     nat::rewrite_xdp(&pkt, src, Some((be.addr, be.port_be)));
 
     let len = pkt.len as u64;
-    let account = |c: &mut Counters| {
+    bump(LB_SVC_COUNTERS.get_ptr_mut(svc.service_id), |c| {
         c.packets += 1;
         c.bytes += len;
         if new_flow {
             c.new_flows += 1;
         }
-    };
-    bump(LB_SVC_COUNTERS.get_ptr_mut(svc.service_id), account);
-    bump(LB_BE_COUNTERS.get_ptr_mut(id), account);
+    });
+    if let Some(c) = LB_BE_COUNTERS.get_ptr_mut(id) {
+        // SAFETY: a map value of this array, 8-byte aligned fields; other CPUs
+        // add to it too, hence atomic adds.
+        unsafe {
+            atomic::add(&raw mut (*c).packets, 1);
+            atomic::add(&raw mut (*c).bytes, len);
+            if new_flow {
+                atomic::add(&raw mut (*c).new_flows, 1);
+            }
+        }
+    }
     if !remote {
         return XDP_PASS; // the kernel routes to the local pod
     }

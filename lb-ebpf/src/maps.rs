@@ -1,6 +1,6 @@
 //! Every map of the datapath, declared once. Types and byte order are
 //! documented in `lb_common::maps`; pin names equal these symbols (see
-//! `lb_common::pin`) and live under `<bpffs-root>/v4/`.
+//! `lb_common::pin`) and live under `<bpffs-root>/v5/`.
 //!
 //! All maps are BTF maps, so `bpftool map dump` prints named fields.
 
@@ -10,17 +10,23 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    AFFINITY_CAPACITY, AffinityKeyV4, AffinityValue, BackendList, BackendV4, CT_DEFAULT_CAPACITY,
-    Counters, CtKeyV4, CtValueV4, DatapathConfig, FrontendKeyV4, MAX_BACKENDS, MAX_FRONTENDS,
-    MAX_SERVICES, MAX_SOURCE_RANGES, MaglevTableL, MaglevTableM, MaglevTableS,
+    AFFINITY_CAPACITY, AffinityKeyV4, AffinityValue, BackendCounters, BackendList, BackendV4,
+    CT_DEFAULT_CAPACITY, Counters, CtKeyV4, CtValueV4, DatapathConfig, FrontendKeyV4, MAX_BACKENDS,
+    MAX_FRONTENDS, MAX_SERVICES, MAX_SOURCE_RANGES, MaglevTableL, MaglevTableM, MaglevTableS,
     NAT_DEFAULT_CAPACITY, NatValueV4, OPEN_FLOWS_DEFAULT_CAPACITY, OpenFlowV4, ServiceName,
     ServiceValue, SrcRangeV4, Stats,
 };
 
-/// Frontend (addr, port, proto) → service. Written by the agent; read by XDP. Capacity `MAX_FRONTENDS`.
+/// Frontend (addr, port, proto) → service. Written by the agent; read by
+/// XDP. Capacity `MAX_FRONTENDS`. Not preallocated: memory follows the
+/// frontends written (only the agent inserts, so no packet allocates).
 #[btf_map]
-pub static LB_FRONTENDS_V4: HashMap<FrontendKeyV4, ServiceValue, { MAX_FRONTENDS as usize }> =
-    HashMap::new();
+pub static LB_FRONTENDS_V4: HashMap<
+    FrontendKeyV4,
+    ServiceValue,
+    { MAX_FRONTENDS as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
 
 /// Service id → Maglev table of backend ids, one map per table size
 /// (`MAGLEV_SIZES`): a service's table is in the smallest map that holds
@@ -77,9 +83,10 @@ pub static LB_CT_V4: LruHashMap<
 #[btf_map]
 pub static LB_SVC_COUNTERS: PerCpuArray<Counters, { MAX_SERVICES as usize }> = PerCpuArray::new();
 
-/// Backend id → counters, per CPU. Written by XDP; read by the agent.
+/// Backend id → counters, shared by all CPUs (atomic adds; see
+/// `BackendCounters` for why not per CPU). Written by XDP; read by the agent.
 #[btf_map]
-pub static LB_BE_COUNTERS: PerCpuArray<Counters, { MAX_BACKENDS as usize }> = PerCpuArray::new();
+pub static LB_BE_COUNTERS: Array<BackendCounters, { MAX_BACKENDS as usize }> = Array::new();
 
 /// One entry of verdict counters, per CPU. Written by XDP and TC.
 #[btf_map]
@@ -163,5 +170,11 @@ pub static LB_FLOW_SEQ: Array<u64, 1> = Array::new();
 
 /// Service id → `ns/name:port`. Written by the agent for operators' tools
 /// (`lb-agent flows`, `lb-agent backends`, bpftool); not read by the datapath.
+/// Not preallocated: memory follows the services written.
 #[btf_map]
-pub static LB_SVC_NAMES: HashMap<u32, ServiceName, { MAX_SERVICES as usize }> = HashMap::new();
+pub static LB_SVC_NAMES: HashMap<
+    u32,
+    ServiceName,
+    { MAX_SERVICES as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();

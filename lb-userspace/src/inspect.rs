@@ -12,11 +12,11 @@
 
 use std::{collections::BTreeMap, net::Ipv4Addr, path::Path, time::Duration};
 
-use aya::maps::{Array, HashMap, PerCpuArray};
+use aya::maps::{Array, HashMap};
 use lb_common::{
-    BACKEND_FREE, BACKEND_TERMINATING, BackendV4, CT_TCP_ACK, CT_TCP_FIN_FWD, CT_TCP_FIN_REPLY,
-    CT_TCP_RST, CT_TCP_SYN, Counters, CtKeyV4, CtValueV4, FrontendKeyV4, IPPROTO_TCP, NatValueV4,
-    OpenFlowV4, REASON_AFFINITY, REASON_LEAST_CONN, REASON_MAGLEV, REASON_REBALANCED,
+    BACKEND_FREE, BACKEND_TERMINATING, BackendCounters, BackendV4, CT_TCP_ACK, CT_TCP_FIN_FWD,
+    CT_TCP_FIN_REPLY, CT_TCP_RST, CT_TCP_SYN, CtKeyV4, CtValueV4, FrontendKeyV4, IPPROTO_TCP,
+    NatValueV4, OpenFlowV4, REASON_AFFINITY, REASON_LEAST_CONN, REASON_MAGLEV, REASON_REBALANCED,
     REASON_ROUND_ROBIN, REASON_TERMINATING_FALLBACK, SVC_F_TERMINATING_FALLBACK, ServiceName,
     ServiceValue, flow, pin, token_backend, token_live,
 };
@@ -236,8 +236,7 @@ impl Pinned {
         let flags = self.service_flags()?;
         let backends: Array<_, BackendV4> = pinned::array(&self.dir, pin::BACKENDS_V4)?;
         let open: Array<_, u64> = pinned::array(&self.dir, pin::BACKEND_OPEN_FLOWS)?;
-        let counters: PerCpuArray<_, Counters> =
-            pinned::per_cpu_array(&self.dir, pin::BACKEND_COUNTERS)?;
+        let counters: Array<_, BackendCounters> = pinned::array(&self.dir, pin::BACKEND_COUNTERS)?;
         let mut rows = Vec::new();
         for (id, b) in backends.iter().enumerate() {
             let Ok(b) = b else { continue };
@@ -257,12 +256,7 @@ impl Pinned {
                 }
                 _ => "ready",
             };
-            let mut c = Counters::default();
-            if let Ok(v) = counters.get(&id, 0) {
-                for cpu in v.iter() {
-                    c.add(cpu);
-                }
-            }
+            let c = counters.get(&id, 0).unwrap_or_default();
             rows.push(BackendRow {
                 id,
                 service: names

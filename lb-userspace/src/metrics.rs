@@ -10,7 +10,7 @@ use std::{
 };
 
 use aya::maps::{MapData, PerCpuArray};
-use lb_common::{Counters, Stats, pin};
+use lb_common::{BackendCounters, Counters, Stats, pin};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
@@ -280,17 +280,20 @@ fn sum_counters(map: &PerCpuArray<MapData, Counters>, id: u32) -> Counters {
 }
 
 type CounterOf = fn(&Counters) -> u64;
+type BackendCounterOf = fn(&BackendCounters) -> u64;
 
 impl Collector for DatapathCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let names = self.names.read().map(|n| n.clone()).unwrap_or_default();
-        let fields: [(&str, &str, CounterOf); 3] = [
+        let fields: [(&str, &str, BackendCounterOf); 3] = [
             ("packets", "Packets balanced", |c| c.packets),
             ("bytes", "Bytes balanced (Ethernet frames)", |c| c.bytes),
             ("new_flows", "New flows pinned", |c| c.new_flows),
         ];
-        if let Some(be) = per_cpu::<Counters>(&self.pin_dir, pin::BACKEND_COUNTERS) {
-            let values: Vec<(BackendLabels, Counters)> = names
+        if let Ok(be) =
+            crate::pinned::array::<BackendCounters>(&self.pin_dir, pin::BACKEND_COUNTERS)
+        {
+            let values: Vec<(BackendLabels, BackendCounters)> = names
                 .backends
                 .iter()
                 .map(|(&id, (service, backend))| {
@@ -298,7 +301,7 @@ impl Collector for DatapathCollector {
                         service: service.clone(),
                         backend: backend.clone(),
                     };
-                    (labels, sum_counters(&be, id))
+                    (labels, be.get(&id, 0).unwrap_or_default())
                 })
                 .collect();
             for (name, help, get) in fields {

@@ -139,6 +139,21 @@ pub fn control_plane(agent_bin: &Path, quick: bool) -> Result<Value> {
     }))
 }
 
+/// The agent's side of [`control_plane`] alone, at `n` services × 10
+/// endpoints: its `xdp` object.
+pub fn agent_only(agent_bin: &Path, n: usize) -> Result<Value> {
+    if !lb_testkit::is_root() || !lb_testkit::bpffs_mounted() {
+        bail!("the agent's control-plane bench needs root and bpffs at {BPFFS}");
+    }
+    netns::remove_stale();
+    let svcs = services(n, ENDPOINTS, endpoint, Protocol::Tcp);
+    let node = NodeInfo {
+        name: lab::manifest::NODE_NAME.into(),
+        addr: lab::NODE_ADDR,
+    };
+    measure_xdp(agent_bin, &svcs, &node)
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }

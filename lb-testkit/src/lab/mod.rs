@@ -205,7 +205,7 @@ impl Lab {
         self.site.pins()
     }
 
-    /// Where map `name` is pinned: `<bpffs-root>/v4/<name>`.
+    /// Where map `name` is pinned: `<bpffs-root>/v5/<name>`.
     pub fn pin(&self, name: &str) -> PathBuf {
         self.bpffs_root().join(lb_common::PIN_DIR).join(name)
     }

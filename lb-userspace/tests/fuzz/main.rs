@@ -129,10 +129,10 @@ impl Kernel {
                 })
                 .collect()
         };
-        let array = |name: &str, ids: &BTreeSet<u32>| {
-            let m = pinned::array::<u64>(&dir, name).unwrap();
+        fn array<V: aya::Pod>(dir: &Path, name: &str, ids: &BTreeSet<u32>) -> BTreeMap<u32, V> {
+            let m = pinned::array::<V>(dir, name).unwrap();
             ids.iter().map(|&id| (id, m.get(&id, 0).unwrap())).collect()
-        };
+        }
         let mut st = Stats::default();
         let stats = pinned::per_cpu_array::<Stats>(&dir, pin::STATS).unwrap();
         for v in stats.get(&0, 0).unwrap().iter() {
@@ -147,10 +147,10 @@ impl Kernel {
                 .unwrap()
                 .get(&0, 0)
                 .unwrap(),
-            be_open: array(pin::BACKEND_OPEN_FLOWS, backends),
-            rr: array(pin::ROUND_ROBIN, services),
+            be_open: array(&dir, pin::BACKEND_OPEN_FLOWS, backends),
+            rr: array(&dir, pin::ROUND_ROBIN, services),
             svc: per_cpu(pin::SERVICE_COUNTERS, services),
-            be: per_cpu(pin::BACKEND_COUNTERS, backends),
+            be: array(&dir, pin::BACKEND_COUNTERS, backends),
             stats: st,
         }
     }

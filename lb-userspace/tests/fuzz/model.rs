@@ -13,14 +13,14 @@ use std::collections::BTreeMap;
 
 use lb_common::{
     AffinityKeyV4, AffinityValue, BACKEND_ACTIVE, BACKEND_F_LOCAL, BACKEND_LIST_CAPACITY,
-    BackendV4, CT_DIR_FORWARD, CT_DIR_REPLY, CT_DIR_SNAT, CT_F_PORT_REMAP, CT_F_SNAT, CT_TCP_ACK,
-    CT_TCP_FIN_FWD, CT_TCP_FIN_REPLY, CT_TCP_RST, CT_TCP_SYN, Counters, CtKeyV4, CtValueV4,
-    DatapathConfig, FLOW_CLOSED, IPPROTO_TCP, IPPROTO_UDP, LC_SCAN_MAX, MAGLEV_CAPACITY,
-    MAX_BACKENDS, MAX_SERVICES, NatValueV4, OpenFlowV4, POLICY_LEAST_CONN, POLICY_ROUND_ROBIN,
-    PORT_REMAP_LO, PORT_REMAP_TRIES, REASON_AFFINITY, REASON_LEAST_CONN, REASON_MAGLEV,
-    REASON_REBALANCED, REASON_ROUND_ROBIN, REASON_TERMINATING_FALLBACK, SNAT_PORT_TRIES,
-    SVC_F_DROP_NO_BACKEND, SVC_F_SOURCE_RANGES, SVC_F_TERMINATING_FALLBACK, ServiceValue, Stats,
-    csum, flow, flow_token,
+    BackendCounters, BackendV4, CT_DIR_FORWARD, CT_DIR_REPLY, CT_DIR_SNAT, CT_F_PORT_REMAP,
+    CT_F_SNAT, CT_TCP_ACK, CT_TCP_FIN_FWD, CT_TCP_FIN_REPLY, CT_TCP_RST, CT_TCP_SYN, Counters,
+    CtKeyV4, CtValueV4, DatapathConfig, FLOW_CLOSED, IPPROTO_TCP, IPPROTO_UDP, LC_SCAN_MAX,
+    MAGLEV_CAPACITY, MAX_BACKENDS, MAX_SERVICES, NatValueV4, OpenFlowV4, POLICY_LEAST_CONN,
+    POLICY_ROUND_ROBIN, PORT_REMAP_LO, PORT_REMAP_TRIES, REASON_AFFINITY, REASON_LEAST_CONN,
+    REASON_MAGLEV, REASON_REBALANCED, REASON_ROUND_ROBIN, REASON_TERMINATING_FALLBACK,
+    SNAT_PORT_TRIES, SVC_F_DROP_NO_BACKEND, SVC_F_SOURCE_RANGES, SVC_F_TERMINATING_FALLBACK,
+    ServiceValue, Stats, csum, flow, flow_token,
     hash::{flow_hash_v4, maglev_slot, rehash},
     policy, token_backend, token_live,
 };
@@ -44,7 +44,7 @@ pub struct Flows {
     pub seq: u64,
     pub rr: BTreeMap<u32, u64>,
     pub svc: BTreeMap<u32, Counters>,
-    pub be: BTreeMap<u32, Counters>,
+    pub be: BTreeMap<u32, BackendCounters>,
     pub stats: Stats,
 }
 
@@ -69,7 +69,7 @@ impl Flows {
         f.be_open.retain(|_, n| *n != 0);
         f.rr.retain(|_, n| *n != 0);
         f.svc.retain(|_, c| *c != Counters::default());
-        f.be.retain(|_, c| *c != Counters::default());
+        f.be.retain(|_, c| *c != BackendCounters::default());
         f
     }
 }
@@ -769,7 +769,10 @@ impl Model<'_> {
             bump(self.flows.svc.entry(service_id).or_default());
         }
         if backend_id < MAX_BACKENDS {
-            bump(self.flows.be.entry(backend_id).or_default());
+            let c = self.flows.be.entry(backend_id).or_default();
+            c.packets += 1;
+            c.bytes += len;
+            c.new_flows += u64::from(new);
         }
     }
 
