@@ -237,6 +237,12 @@ fn measure_xdp(agent_bin: &Path, svcs: &[BenchService], node: &NodeInfo) -> Resu
     let manifest_bytes = std::fs::metadata(&manifest)?.len();
     let log = site.dir().join("agent.log");
     let extra = ["--metrics-addr".to_owned(), "off".to_owned()];
+    // A profiler to run the agent under, e.g. `heaptrack -o /tmp/agent` or
+    // `perf record -g -o /tmp/agent.data --`: the figures it changes are
+    // then not comparable.
+    let wrapper: Vec<String> = std::env::var("LB_BENCH_AGENT_WRAPPER")
+        .map(|w| w.split_whitespace().map(str::to_owned).collect())
+        .unwrap_or_default();
     let cfg = AgentConfig {
         bin: agent_bin,
         interfaces: &[NODE_IFACE],
@@ -245,7 +251,7 @@ fn measure_xdp(agent_bin: &Path, svcs: &[BenchService], node: &NodeInfo) -> Resu
         node_name: &node.name,
         bpffs_root: site.pins(),
         log: &log,
-        wrapper: &[],
+        wrapper: &wrapper,
     };
 
     let spawned = SystemTime::now();
