@@ -2,13 +2,14 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    os::fd::AsFd,
     path::Path,
 };
 
 use aya::{
     Ebpf,
     maps::{
-        Array, HashMap, Map, MapData,
+        Array, HashMap, Map, MapData, MapFd,
         lpm_trie::{Key, LpmTrie},
     },
 };
@@ -25,6 +26,11 @@ pub struct KernelMaps {
     frontends: HashMap<MapData, FrontendKeyV4, ServiceValue>,
     maglev: TableMaps,
     backends: Array<MapData, BackendV4>,
+    /// Other descriptors of `backends`, `frontends` and `names`, for batch
+    /// operations (aya's map types do not lend their own).
+    backends_fd: MapFd,
+    frontends_fd: MapFd,
+    names_fd: MapFd,
     src_ranges: LpmTrie<MapData, SrcRangeV4, u32>,
     lists: HashMap<MapData, u32, BackendList>,
     names: HashMap<MapData, u32, ServiceName>,
@@ -115,6 +121,29 @@ fn err(map: &str, what: impl std::fmt::Display) -> Error {
     Error::Datapath(format!("{map}: {what}"))
 }
 
+/// A descriptor of array or hash map `map` of its own.
+fn second_fd(map: Option<&Map>, name: &'static str) -> Result<MapFd> {
+    match map {
+        Some(Map::Array(m) | Map::HashMap(m)) => {
+            m.info().and_then(|i| i.fd()).map_err(|e| err(name, e))
+        }
+        _ => Err(err(
+            name,
+            "missing from the eBPF object, or not an array or hash",
+        )),
+    }
+}
+
+/// Ops of one kind in a row that one batch update can write.
+fn batchable(a: &Op, b: &Op) -> bool {
+    matches!(
+        (a, b),
+        (Op::PutBackend { .. }, Op::PutBackend { .. })
+            | (Op::PutFrontend { .. }, Op::PutFrontend { .. })
+            | (Op::PutServiceName { .. }, Op::PutServiceName { .. })
+    )
+}
+
 fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map> {
     ebpf.take_map(name)
         .ok_or_else(|| err(name, "map missing from the eBPF object"))
@@ -123,7 +152,16 @@ fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map> {
 impl KernelMaps {
     /// Takes the maps out of a loaded object.
     pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self> {
+        let fd = |name| second_fd(ebpf.map(name), name);
+        let (backends_fd, frontends_fd, names_fd) = (
+            fd(pin::BACKENDS_V4)?,
+            fd(pin::FRONTENDS_V4)?,
+            fd(pin::SERVICE_NAMES)?,
+        );
         Ok(Self {
+            backends_fd,
+            frontends_fd,
+            names_fd,
             frontends: take(ebpf, pin::FRONTENDS_V4)?
                 .try_into()
                 .map_err(|e| err(pin::FRONTENDS_V4, e))?,
@@ -147,24 +185,28 @@ impl KernelMaps {
     /// node while the agent is down.
     pub fn open_pinned(dir: &Path) -> Result<Self> {
         let open = |name: &'static str| MapData::from_pin(dir.join(name)).map_err(|e| err(name, e));
+        let backends = Map::Array(open(pin::BACKENDS_V4)?);
+        let frontends = Map::HashMap(open(pin::FRONTENDS_V4)?);
+        let names = Map::HashMap(open(pin::SERVICE_NAMES)?);
         Ok(Self {
-            frontends: HashMap::try_from(Map::HashMap(open(pin::FRONTENDS_V4)?))
-                .map_err(|e| err(pin::FRONTENDS_V4, e))?,
+            backends_fd: second_fd(Some(&backends), pin::BACKENDS_V4)?,
+            frontends_fd: second_fd(Some(&frontends), pin::FRONTENDS_V4)?,
+            names_fd: second_fd(Some(&names), pin::SERVICE_NAMES)?,
+            frontends: HashMap::try_from(frontends).map_err(|e| err(pin::FRONTENDS_V4, e))?,
             maglev: TableMaps::new(|name| Ok(Map::HashMap(open(name)?)))?,
-            backends: Array::try_from(Map::Array(open(pin::BACKENDS_V4)?))
-                .map_err(|e| err(pin::BACKENDS_V4, e))?,
+            backends: Array::try_from(backends).map_err(|e| err(pin::BACKENDS_V4, e))?,
             src_ranges: LpmTrie::try_from(Map::LpmTrie(open(pin::SRC_RANGES_V4)?))
                 .map_err(|e| err(pin::SRC_RANGES_V4, e))?,
             lists: HashMap::try_from(Map::HashMap(open(pin::SERVICE_BACKENDS)?))
                 .map_err(|e| err(pin::SERVICE_BACKENDS, e))?,
-            names: HashMap::try_from(Map::HashMap(open(pin::SERVICE_NAMES)?))
-                .map_err(|e| err(pin::SERVICE_NAMES, e))?,
+            names: HashMap::try_from(names).map_err(|e| err(pin::SERVICE_NAMES, e))?,
         })
     }
 }
 
-impl MapWriter for KernelMaps {
-    fn apply(&mut self, ops: &[Op]) -> Result<()> {
+impl KernelMaps {
+    /// Writes `ops` one syscall each.
+    fn apply_each(&mut self, ops: &[Op]) -> Result<()> {
         for op in ops {
             match op {
                 Op::PutBackend { id, value } => self
@@ -227,6 +269,59 @@ impl MapWriter for KernelMaps {
         Ok(())
     }
 
+    /// Writes a run of puts of one kind (see [`batchable`]) as batch
+    /// updates; `false` if the kernel has no batch update for the map.
+    fn put_batch(&mut self, run: &[Op]) -> Result<bool> {
+        /// The (key, value) of every op of `run` `pick` recognises, written
+        /// to `fd` in one batch.
+        fn write<K: aya::Pod, V: aya::Pod>(
+            fd: &MapFd,
+            map: &str,
+            run: &[Op],
+            pick: impl Fn(&Op) -> Option<(K, V)>,
+        ) -> Result<bool> {
+            let (keys, values): (Vec<K>, Vec<V>) = run.iter().filter_map(pick).unzip();
+            super::batch::update(fd.as_fd(), &keys, &values)
+                .map_err(|e| err(map, format!("batch update: {e}")))
+        }
+        match &run[0] {
+            Op::PutBackend { .. } => {
+                write(&self.backends_fd, pin::BACKENDS_V4, run, |op| match op {
+                    Op::PutBackend { id, value } => Some((*id, *value)),
+                    _ => None,
+                })
+            }
+            Op::PutFrontend { .. } => {
+                write(&self.frontends_fd, pin::FRONTENDS_V4, run, |op| match op {
+                    Op::PutFrontend { key, value } => Some((*key, *value)),
+                    _ => None,
+                })
+            }
+            Op::PutServiceName { .. } => {
+                write(&self.names_fd, pin::SERVICE_NAMES, run, |op| match op {
+                    Op::PutServiceName { service_id, name } => {
+                        Some((*service_id, ServiceName::new(name)))
+                    }
+                    _ => None,
+                })
+            }
+            _ => Ok(false),
+        }
+    }
+}
+
+impl MapWriter for KernelMaps {
+    fn apply(&mut self, ops: &[Op]) -> Result<()> {
+        // A cold start writes 100,000s of entries: a run of puts to one map
+        // goes in batches (same order, same per-element semantics).
+        for run in ops.chunk_by(batchable) {
+            if run.len() < 2 || !self.put_batch(run)? {
+                self.apply_each(run)?;
+            }
+        }
+        Ok(())
+    }
+
     fn read_state(&self) -> Result<MapState> {
         let mut frontends = BTreeMap::new();
         for kv in self.frontends.iter() {
@@ -259,13 +354,20 @@ impl MapWriter for KernelMaps {
                 maglev.insert(sid, MaglevEntry::new(&slots[..size]));
             }
         }
-        let mut backends = BTreeMap::new();
-        for (id, v) in self.backends.iter().enumerate() {
-            let v = v.map_err(|e| err(pin::BACKENDS_V4, e))?;
-            if v.state != BACKEND_FREE {
-                backends.insert(id as u32, v);
-            }
-        }
+        let slots: Vec<BackendV4> =
+            match super::batch::read_array(self.backends_fd.as_fd(), self.backends.len()) {
+                Ok(Some(slots)) => slots,
+                Ok(None) => self
+                    .backends
+                    .iter()
+                    .collect::<std::result::Result<_, _>>()
+                    .map_err(|e| err(pin::BACKENDS_V4, e))?,
+                Err(e) => return Err(err(pin::BACKENDS_V4, format!("batch read: {e}"))),
+            };
+        let backends: BTreeMap<u32, BackendV4> = (0u32..)
+            .zip(slots)
+            .filter(|(_, v)| v.state != BACKEND_FREE)
+            .collect();
         let mut src_ranges = BTreeSet::new();
         for key in self.src_ranges.keys() {
             let key = key.map_err(|e| err(pin::SRC_RANGES_V4, e))?;

@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use lb_common::{BackendV4, FrontendKeyV4, ServiceValue, maglev_class};
 
+mod batch;
 pub mod kernel;
 pub mod memory;
 
