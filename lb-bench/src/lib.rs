@@ -401,6 +401,14 @@ struct Synced {
     ms: Option<f64>,
 }
 
+impl Synced {
+    /// When the sync started: its line's time less its duration (the line's
+    /// time when it gives none).
+    fn started(&self) -> SystemTime {
+        self.at - Duration::from_secs_f64(self.ms.unwrap_or(0.0) / 1e3)
+    }
+}
+
 impl LogTail {
     fn open(path: &Path) -> Result<Self> {
         Ok(Self {
@@ -643,10 +651,7 @@ pub fn sustained_sync(agent_bin: &Path, services: usize, rate: u32, secs: u64) -
     let deadline = Instant::now() + CHANGE_TIMEOUT;
     loop {
         syncs.extend(lab.tail.drain_synced()?);
-        let done = syncs.iter().any(|s| {
-            let start = s.at - Duration::from_secs_f64(s.ms.unwrap_or(0.0) / 1e3);
-            start > last
-        });
+        let done = syncs.iter().any(|s| s.started() > last);
         if done {
             break;
         }
@@ -662,15 +667,7 @@ pub fn sustained_sync(agent_bin: &Path, services: usize, rate: u32, secs: u64) -
     // after the store applied it (an estimate: the watch event reaches the
     // agent a moment after the store applies it, and a sync starting in
     // that moment leaves it to the next one).
-    let starts: Vec<(SystemTime, SystemTime)> = syncs
-        .iter()
-        .map(|s| {
-            (
-                s.at - Duration::from_secs_f64(s.ms.unwrap_or(0.0) / 1e3),
-                s.at,
-            )
-        })
-        .collect();
+    let starts: Vec<(SystemTime, SystemTime)> = syncs.iter().map(|s| (s.started(), s.at)).collect();
     let mut latencies: Vec<f64> = applied
         .iter()
         .filter_map(|&t| {

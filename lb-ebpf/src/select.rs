@@ -97,20 +97,30 @@ fn active(svc: &ServiceValue, id: u32) -> Option<BackendV4> {
     be.serves(svc.service_id).then_some(be)
 }
 
-/// Slot `idx` of `t`, if it has one.
+/// Slots `idx` of `t`, if it has them all.
 #[inline(always)]
-fn slot_in<const N: usize>(t: Option<&MaglevTable<N>>, idx: usize) -> Option<u32> {
+fn slots_in<const N: usize, const K: usize>(
+    t: Option<&MaglevTable<N>>,
+    idx: [usize; K],
+) -> Option<[u32; K]> {
     let t = t?;
-    if idx >= N {
-        return None;
+    let mut out = [0u32; K];
+    let mut k = 0;
+    while k < K {
+        if idx[k] >= N {
+            return None;
+        }
+        out[k] = t.slots[idx[k]];
+        k += 1;
     }
-    Some(t.slots[idx])
+    Some(out)
 }
 
-/// Slot `idx` of the service's Maglev table (in the table map its size
-/// selects); `None` without a usable backend or a table.
+/// Slots `idx` of the service's Maglev table (in the table map its size
+/// selects), from one lookup of the table; `None` without a usable backend
+/// or a table.
 #[inline(always)]
-fn table_slot(svc: &ServiceValue, idx: usize) -> Option<u32> {
+fn table_slots<const K: usize>(svc: &ServiceValue, idx: [usize; K]) -> Option<[u32; K]> {
     if svc.backend_count == 0 {
         return None;
     }
@@ -118,24 +128,18 @@ fn table_slot(svc: &ServiceValue, idx: usize) -> Option<u32> {
     // SAFETY: tables are only read; the agent replaces them whole.
     unsafe {
         match maglev_class(svc.maglev_size) {
-            0 => slot_in(LB_MAGLEV_S.get(sid), idx),
-            1 => slot_in(LB_MAGLEV_M.get(sid), idx),
-            _ => slot_in(LB_MAGLEV_L.get(sid), idx),
+            0 => slots_in(LB_MAGLEV_S.get(sid), idx),
+            1 => slots_in(LB_MAGLEV_M.get(sid), idx),
+            _ => slots_in(LB_MAGLEV_L.get(sid), idx),
         }
     }
-}
-
-/// The backend id in the Maglev slot of `hash`, and the slot.
-#[inline(always)]
-fn slot_of(svc: &ServiceValue, hash: u32) -> Option<(u32, u32)> {
-    let slot = maglev_slot(hash, svc.maglev_size);
-    Some((table_slot(svc, slot as usize)?, slot))
 }
 
 /// The backend Maglev assigns to a flow of hash `hash`.
 #[inline(always)]
 fn maglev(svc: &ServiceValue, hash: u32) -> Option<Choice> {
-    let (id, slot) = slot_of(svc, hash)?;
+    let slot = maglev_slot(hash, svc.maglev_size);
+    let [id] = table_slots(svc, [slot as usize])?;
     Some(Choice {
         id,
         backend: active(svc, id)?,
@@ -162,10 +166,10 @@ fn round_robin(svc: &ServiceValue) -> Option<Choice> {
             }
             l.ids[idx]
         }
-        _ => table_slot(
+        _ => table_slots(
             svc,
-            lb_common::policy::rr_index(turn, svc.maglev_size) as usize,
-        )?,
+            [lb_common::policy::rr_index(turn, svc.maglev_size) as usize],
+        )?[0],
     };
     Some(Choice {
         id,
@@ -179,13 +183,23 @@ fn round_robin(svc: &ServiceValue) -> Option<Choice> {
 /// `lb_common::policy::least_conn` for the rule this follows.
 #[inline(always)]
 fn least_conn(svc: &ServiceValue, hash: u32) -> Option<Choice> {
-    let (mid, _) = slot_of(svc, hash)?;
-    let mut best = mid;
-    let mut best_n = flows::count(mid);
     // SAFETY: the list is only read; the agent replaces it whole.
     let list = unsafe { LB_SVC_BACKENDS.get(svc.service_id) };
-    match list {
-        Some(l) if l.count <= LC_SCAN_MAX => {
+    let scan = list.filter(|l| l.count <= LC_SCAN_MAX);
+    // The Maglev pick, and without a scan a second pick from a rehashed
+    // slot: both from one table lookup.
+    let slot = |h| maglev_slot(h, svc.maglev_size) as usize;
+    let (mid, second) = match scan {
+        Some(_) => (table_slots(svc, [slot(hash)])?[0], None),
+        None => {
+            let [mid, second] = table_slots(svc, [slot(hash), slot(rehash(hash))])?;
+            (mid, Some(second))
+        }
+    };
+    let mut best = mid;
+    let mut best_n = flows::count(mid);
+    match (scan, second) {
+        (Some(l), _) => {
             let mut i = 0usize;
             while i < LC_SCAN_MAX as usize {
                 if i >= l.count as usize {
@@ -200,14 +214,14 @@ fn least_conn(svc: &ServiceValue, hash: u32) -> Option<Choice> {
                 i += 1;
             }
         }
-        _ => {
-            let (second, _) = slot_of(svc, rehash(hash))?;
+        (None, Some(second)) => {
             let n = flows::count(second);
             if n < best_n {
                 best = second;
                 best_n = n;
             }
         }
+        (None, None) => {}
     }
     let (id, backend) = match active(svc, best) {
         Some(be) => (best, be),

@@ -248,6 +248,19 @@ pub fn plan_changes(
     plan_scope(current, &services, Scope::Services(&scope), cfg)
 }
 
+/// The service ids in `scope` among the keys of `map` (a map keyed by
+/// service id).
+fn keys_in_scope<V>(scope: &Scope, map: &BTreeMap<u32, V>) -> Vec<u32> {
+    match scope {
+        Scope::All => map.keys().copied().collect(),
+        Scope::Services(s) => s
+            .iter()
+            .copied()
+            .filter(|sid| map.contains_key(sid))
+            .collect(),
+    }
+}
+
 fn plan_scope(
     current: &MapState,
     services: &[(&ServicePortName, &ServicePort)],
@@ -468,25 +481,9 @@ fn plan_scope(
             .flat_map(|r| r.frontends.iter().copied())
             .collect(),
     };
-    // The ids in scope among the keys of a map keyed by service id.
-    let keys_in_scope = |m: &dyn Fn(u32) -> bool, all: &mut dyn Iterator<Item = u32>| -> Vec<u32> {
-        match scope {
-            Scope::All => all.collect(),
-            Scope::Services(s) => s.iter().copied().filter(|&sid| m(sid)).collect(),
-        }
-    };
-    let cur_lists = keys_in_scope(
-        &|sid| current.backend_lists.contains_key(&sid),
-        &mut current.backend_lists.keys().copied(),
-    );
-    let cur_names = keys_in_scope(
-        &|sid| current.names.contains_key(&sid),
-        &mut current.names.keys().copied(),
-    );
-    let cur_tables = keys_in_scope(
-        &|sid| current.maglev.contains_key(&sid),
-        &mut current.maglev.keys().copied(),
-    );
+    let cur_lists = keys_in_scope(&scope, &current.backend_lists);
+    let cur_names = keys_in_scope(&scope, &current.names);
+    let cur_tables = keys_in_scope(&scope, &current.maglev);
 
     // Order: what a new flow may be sent to is written before anything
     // that points at it (new and promoted backends, then tables, lists and

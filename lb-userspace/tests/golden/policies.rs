@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use lb_common::{FLOW_CLOSED, OpenFlowV4, token_backend};
+use lb_common::{FLOW_CLOSED, LC_SCAN_MAX, OpenFlowV4, token_backend};
 use lb_userspace::{
     gc::{Tables, Timeouts, monotonic_ns},
     loader::FlowCloser,
@@ -100,6 +100,62 @@ fn least_connection_takes_the_backend_with_the_fewest_open_flows() {
         assert_eq!(dnat_target(&out), maglev, "tie → Maglev's pick");
         assert_eq!(g.ct(&fwd_key(port, 30301)).unwrap().choice, 4);
     }
+}
+
+#[test]
+fn least_connection_over_a_large_service_takes_the_less_loaded_of_two_table_picks() {
+    if !privileged() {
+        return;
+    }
+    // More backends than the datapath scans: it compares the backend of the
+    // flow's Maglev slot with that of a second, rehashed slot.
+    let n = LC_SCAN_MAX as usize + 6;
+    let addr = |i: usize| [198, 18, 5, 10 + i as u8];
+    let eps: String = (0..n)
+        .map(|i| {
+            let [a, b, c, d] = addr(i);
+            format!(
+                "  - {{addresses: [\"{a}.{b}.{c}.{d}\"], conditions: {{ready: true}}, nodeName: node-a}}\n"
+            )
+        })
+        .collect();
+    let three = "  - {addresses: [\"198.18.4.11\"], conditions: {ready: true}, nodeName: node-a}\n  - {addresses: [\"198.18.4.12\"], conditions: {ready: true}, nodeName: node-a}\n  - {addresses: [\"198.18.4.13\"], conditions: {ready: true}, nodeName: node-a}\n";
+    let text = manifest(&PODS);
+    assert!(text.contains(three), "the lc service's endpoints");
+    let mut g = Golden::new(&PODS);
+    g.set_manifest(&text.replace(three, &eps));
+    let key = FrontendKeyV4 {
+        addr: NODE,
+        port_be: 30301u16.to_be(),
+        proto: IPPROTO_TCP,
+        _pad: 0,
+    };
+    let mut second_won = 0;
+    for port in 45_000..45_040u16 {
+        // Loads that differ between most pairs of backends.
+        for i in 0..n {
+            g.set_open(addr(i), ((i * 7 + port as usize) % 13) as u64);
+        }
+        let open = |id: u32| {
+            let a = g.memory.backends[&id].addr;
+            g.open_of(a)
+        };
+        let h = flow_hash_v4(CLIENT, NODE, port.to_be(), 30301u16.to_be(), IPPROTO_TCP);
+        let maglev = g.memory.resolve(&key, h).unwrap().addr;
+        let (want_id, want) = g.memory.resolve_policy(&key, h, 0, open).unwrap();
+        let want_n = open(want_id);
+        second_won += usize::from(want.addr != maglev);
+        let (verdict, out) = g.xdp(&tcp((CLIENT, port), (NODE, 30301), true, b""));
+        assert_eq!(verdict, XDP_PASS);
+        assert_eq!(dnat_target(&out), want.addr, "port {port}");
+        let ct = g.ct(&fwd_key(port, 30301)).unwrap();
+        assert_eq!(ct.reason, REASON_LEAST_CONN);
+        assert_eq!(u64::from(ct.choice), want_n, "the count seen when choosing");
+    }
+    assert!(
+        second_won > 0,
+        "the second pick never won: the case is not exercised"
+    );
 }
 
 #[test]
