@@ -933,6 +933,8 @@ fn closing_note(r: &Value, targets: &[Target]) -> Value {
         "sync": missed(&["sync"]),
         "short": missed(&["vs_kube_proxy", "vs_iptables", "fraction_of_nolb"]),
         "control_plane": missed(&["initial", "add_endpoint"]),
+        "memory": missed(&["kernel_memory", "kernel_memory_128"]),
+        "agent_rss": missed(&["agent_rss"]),
         "largest_services": raw(
             r["datapath"]["services"]
                 .as_array()
