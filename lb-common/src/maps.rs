@@ -486,7 +486,8 @@ pub struct Stats {
     pub tc_packets: u64,
     /// Replies whose source was rewritten back to the frontend.
     pub tc_reverse_nat: u64,
-    /// TC rewrites that failed in a kernel helper (packet passed as is).
+    /// TC rewrites that failed in a kernel helper: a reply passed as is at
+    /// egress; a packet dropped at TC ingress (half rewritten).
     pub tc_rewrite_failed: u64,
     /// Dropped: client outside the frontend's `loadBalancerSourceRanges`.
     pub drop_source_range: u64,
@@ -534,11 +535,14 @@ pub struct Stats {
     /// SNAT ports taken over from a flow whose handshake never completed
     /// (`SNAT_RECLAIM_HALF_OPEN_NS`), because every tried port was in use.
     pub snat_reclaimed: u64,
+    /// Packets seen by the TC ingress program (the ingress logic attached
+    /// at TC instead of XDP: `--attach tc`, or `auto` on a virtual device).
+    pub tc_ingress_packets: u64,
 }
 
 impl Stats {
     /// Every counter with its field name, in declaration order.
-    pub fn named(&self) -> [(&'static str, u64); 32] {
+    pub fn named(&self) -> [(&'static str, u64); 33] {
         [
             ("xdp_packets", self.xdp_packets),
             ("pass_not_ipv4", self.pass_not_ipv4),
@@ -572,6 +576,7 @@ impl Stats {
             ("icmp_translated", self.icmp_translated),
             ("tc_icmp_translated", self.tc_icmp_translated),
             ("snat_reclaimed", self.snat_reclaimed),
+            ("tc_ingress_packets", self.tc_ingress_packets),
         ]
     }
 
@@ -609,6 +614,7 @@ impl Stats {
         self.icmp_translated += other.icmp_translated;
         self.tc_icmp_translated += other.tc_icmp_translated;
         self.snat_reclaimed += other.snat_reclaimed;
+        self.tc_ingress_packets += other.tc_ingress_packets;
     }
 }
 
@@ -643,7 +649,7 @@ const _: () = assert!(size_of::<BackendCounters>() == 24);
 const _: () = assert!(size_of::<AffinityKeyV4>() == 8);
 const _: () = assert!(size_of::<AffinityValue>() == 16);
 const _: () = assert!(size_of::<SrcRangeV4>() == 8);
-const _: () = assert!(size_of::<Stats>() == 32 * 8);
+const _: () = assert!(size_of::<Stats>() == 33 * 8);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -24,23 +24,25 @@ use lb_testkit::lab::{
     server,
 };
 
-/// Builds a lab with `pods` pods per node (and the pass-through XDP
-/// programs when `xdp_pass`), or returns `None` (after saying why) when the
-/// test cannot run here.
-fn lab_or_skip(test: &str, pods_a: u8, pods_b: u8, xdp_pass: bool) -> Option<ClusterLab> {
+/// Builds a kind-like lab with `pods` pods per node (no XDP program on the
+/// wire: the agents' `--attach auto` runs TC ingress on the nodes' veths),
+/// or returns `None` (after saying why) when the test cannot run here.
+fn lab_or_skip(test: &str, pods_a: u8, pods_b: u8) -> Option<ClusterLab> {
     if !lb_testkit::guard::can_run_as_root(test) {
         return None;
     }
     Some(
-        ClusterLab::build(pods_a, pods_b, None, xdp_pass)
+        ClusterLab::build(pods_a, pods_b, None, false)
             .unwrap_or_else(|e| panic!("{test}: building the cluster lab: {e:#}")),
     )
 }
 
 /// A lab with 2 pods per node, `endpoints` in the manifest with `options`,
-/// and both agents running.
+/// and both agents running. Kind-like: each node's `n0` is a veth whose
+/// peer sits on a Linux bridge without any XDP program, and the agents run
+/// with `--attach auto` (TC ingress there).
 fn lab_with_agents(test: &str, endpoints: &Endpoints, options: &EchoOptions) -> Option<ClusterLab> {
-    let mut lab = lab_or_skip(test, 2, 2, true)?;
+    let mut lab = lab_or_skip(test, 2, 2)?;
     lab.write_manifest(endpoints, options).unwrap();
     lab.start_agents(&[]).unwrap();
     Some(lab)
@@ -128,7 +130,7 @@ fn nodes_of(tally: &Tally) -> BTreeSet<NodeId> {
 /// at the agents, not the lab).
 #[test]
 fn cluster_lab_routes_without_agents() {
-    let Some(lab) = lab_or_skip("cluster_lab_routes_without_agents", 1, 2, false) else {
+    let Some(lab) = lab_or_skip("cluster_lab_routes_without_agents", 1, 2) else {
         return;
     };
     for (node, i) in [(NodeId::A, 1), (NodeId::B, 1), (NodeId::B, 2)] {
@@ -307,7 +309,7 @@ fn remote_connection_survives_agent_restart() {
     lab.restart_agent(NodeId::A).unwrap();
     let log = lab.agent(NodeId::A).unwrap().log();
     assert!(
-        log.contains("replaced the program of the pinned XDP link"),
+        log.contains("replaced the program of the pinned TC Ingress link"),
         "the restarted agent did not reuse the pinned link:\n{log}\nprevious run:\n{old_log}"
     );
     // Long enough for a few GC rounds of the new agent (default interval 5 s).
@@ -375,6 +377,49 @@ fn hold(lab: &ClusterLab, addr: SocketAddr, n: usize) -> Vec<EchoConn> {
         .collect()
 }
 
+/// A Service without endpoints, in the kind-like topology: each node
+/// answers TCP with a RST (the client's connect is refused at once) and UDP
+/// with ICMP port unreachable, sent back out of `n0` by TC ingress (no XDP
+/// program on the bridge side is needed for that).
+#[test]
+fn a_service_without_endpoints_is_refused_by_both_nodes() {
+    let test = "a_service_without_endpoints_is_refused_by_both_nodes";
+    let none = Endpoints {
+        a: vec![],
+        b: vec![],
+    };
+    let Some(lab) = lab_with_agents(test, &none, &EchoOptions::default()) else {
+        return;
+    };
+    for node in NodeId::ALL {
+        let addr = cluster::nodeport(node);
+        let started = std::time::Instant::now();
+        let err = try_connect(&lab, addr).expect_err("a connection to a service without endpoints");
+        assert_eq!(
+            err.kind(),
+            std::io::ErrorKind::ConnectionRefused,
+            "TCP through {node}: {err}\n{}",
+            lab.agent_logs()
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "refused at once"
+        );
+        let udp = udp_many(&lab, addr, b"hello\n", 3);
+        assert_eq!(udp.total(), 3, "{udp}");
+        assert!(
+            udp.errors.iter().all(|e| e.contains("refused")),
+            "UDP through {node}: {udp}\nerrors: {:?}",
+            udp.errors
+        );
+        let st = lab.stats(node).unwrap();
+        assert!(
+            st["reject_tcp"] >= 1 && st["reject_udp"] >= 3 && st["tc_ingress_packets"] > 0,
+            "{node}: {st:?}"
+        );
+    }
+}
+
 /// One TCP connect through `addr` with a 3 s timeout.
 fn try_connect(lab: &ClusterLab, addr: SocketAddr) -> std::io::Result<TcpStream> {
     lab.in_client(move || TcpStream::connect_timeout(&addr, Duration::from_secs(3)))
@@ -385,7 +430,7 @@ fn try_connect(lab: &ClusterLab, addr: SocketAddr) -> std::io::Result<TcpStream>
 /// takes one of node-a's four SNAT ports (whatever the NAT map's key), and
 /// node-a's agent with short NAT timeouts.
 fn tiny_snat_lab(test: &str) -> Option<ClusterLab> {
-    let mut lab = lab_or_skip(test, 1, 1, true)?;
+    let mut lab = lab_or_skip(test, 1, 1)?;
     let only_b = Endpoints {
         a: vec![],
         b: vec![1],

@@ -73,8 +73,14 @@ const SLACK: usize = 16;
 /// (reported, not asserted: see [`ABOUT`]).
 const FULL_DRAIN_WAIT: Duration = Duration::from_secs(45);
 
-/// The verdict counters of `LB_STATS`: every packet the XDP program sees
-/// ends in exactly one of them.
+/// Packets the ingress program saw, at whichever hook `--attach auto`
+/// chose (TC ingress on the lab's veths).
+fn ingress_packets(d: &BTreeMap<String, u64>) -> u64 {
+    d["xdp_packets"] + d["tc_ingress_packets"]
+}
+
+/// The verdict counters of `LB_STATS`: every packet the ingress program
+/// sees ends in exactly one of them.
 const VERDICTS: &[&str] = &[
     "pass_not_ipv4",
     "pass_other_proto",
@@ -430,13 +436,13 @@ fn syn_flood_spares_established_connections_and_the_tables_drain() {
     );
     println!(
         "node-a during the flood: new_flows {} (forwarded {}), snat_exhausted {}, \
-         ct_insert_failed {}, flows_untracked {}, xdp_packets {} (n0 received {})",
+         ct_insert_failed {}, flows_untracked {}, ingress packets {} (n0 received {})",
         flood_d["new_flows"],
         flood_d["forwarded"],
         flood_d["snat_exhausted"],
         flood_d["ct_insert_failed"],
         flood_d["flows_untracked"],
-        flood_d["xdp_packets"],
+        ingress_packets(&flood_d),
         n0.rx_packets
     );
     println!(
@@ -489,8 +495,8 @@ fn syn_flood_spares_established_connections_and_the_tables_drain() {
         .map(|k| format!("{k}={}", d[*k]))
         .collect();
     println!(
-        "LB_STATS (whole run): xdp_packets={} = sum of verdicts {verdicts}: {}",
-        d["xdp_packets"],
+        "LB_STATS (whole run): ingress packets {} = sum of verdicts {verdicts}: {}",
+        ingress_packets(&d),
         shown.join(" ")
     );
     println!("new connections after: {after}");
@@ -500,20 +506,20 @@ fn syn_flood_spares_established_connections_and_the_tables_drain() {
         hping_sent.is_some_and(|n| n > 0),
         "hping3 sent nothing:\n{hping_out}"
     );
-    // Each run of the program counts `xdp_packets` first and its verdict
+    // Each run of the program counts its packet first and its verdict
     // last: a read while packets are in flight may see one without the
     // other, once per CPU.
     assert!(
-        d["xdp_packets"].abs_diff(verdicts) <= 2,
-        "node-a's XDP saw {} packets but counted {verdicts} verdicts: {d:?}",
-        d["xdp_packets"]
+        ingress_packets(&d).abs_diff(verdicts) <= 2,
+        "node-a's ingress program saw {} packets but counted {verdicts} verdicts: {d:?}",
+        ingress_packets(&d)
     );
-    // What reached node-a went through its XDP program (what the kernel
-    // dropped before, in the veth ring, is `wa`'s tx_dropped above).
-    let seen = flood_d["xdp_packets"];
+    // What reached node-a went through its ingress program (what the
+    // kernel dropped before, in the veth ring, is `wa`'s tx_dropped above).
+    let seen = ingress_packets(&flood_d);
     assert!(
         n0.rx_packets.abs_diff(seen) <= n0.rx_packets / 1000 + 100,
-        "n0 received {} packets during the flood, node-a's XDP saw {seen}",
+        "n0 received {} packets during the flood, node-a's ingress program saw {seen}",
         n0.rx_packets
     );
     assert!(

@@ -1,13 +1,9 @@
-//! The XDP path: parse → frontend → conntrack → (new flow: affinity or
-//! Maglev, pin) → DNAT → XDP_PASS (local pod: the kernel routes to it), or
-//! DNAT + SNAT → forward (remote pod: XDP_TX / XDP_REDIRECT). Replies of
-//! forwarded flows come back here too and are translated back.
+//! The ingress path, at XDP or TC ingress (see `hook`): parse → frontend →
+//! conntrack → (new flow: affinity or Maglev, pin) → DNAT → pass (local
+//! pod: the kernel routes to it), or DNAT + SNAT → forward (remote pod).
+//! Replies of forwarded flows come back here too and are translated back.
 
-use aya_ebpf::{
-    bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
-    maps::lpm_trie::Key,
-    programs::XdpContext,
-};
+use aya_ebpf::maps::lpm_trie::Key;
 use lb_common::{
     CT_TCP_FIN_FWD, CT_TCP_RST, CT_TCP_SYN, Counters, IPPROTO_TCP, REASON_AFFINITY,
     REASON_REBALANCED, SVC_F_DROP_NO_BACKEND, SVC_F_SOURCE_RANGES, ServiceValue, SrcRangeV4, Stats,
@@ -17,34 +13,38 @@ use lb_common::{
 use crate::{
     atomic,
     conntrack::{self, Lookup, Pinned},
-    flows, forward, icmp,
+    flows,
+    hook::{Action, Hook},
+    icmp,
     maps::{LB_BE_COUNTERS, LB_FRONTENDS_V4, LB_SRC_RANGE_V4, LB_STATS, LB_SVC_COUNTERS},
-    nat,
-    parse::{self, Bounds, PacketV4, Skip},
+    parse::{self, ICMP_QUOTE_END, L4_OFF, PacketV4, Skip},
     reject, select, snat,
 };
 
-/// Handles one packet; always returns a verdict (never aborts).
+/// Handles one packet at hook `h`; always returns an action (never
+/// aborts). `seen` counts the packet for its hook.
 #[inline(always)]
-pub fn handle(ctx: &XdpContext) -> u32 {
+pub fn handle<H: Hook>(h: &H, seen: impl FnOnce(&mut Stats)) -> Action {
     let Some(st) = LB_STATS.get_ptr_mut(0) else {
-        return XDP_PASS;
+        return Action::Pass;
     };
     // SAFETY: per-CPU value, only this program run touches it.
     let st = unsafe { &mut *st };
-    st.xdp_packets += 1;
+    seen(st);
 
-    let b = Bounds::xdp(ctx);
-    let pkt = match parse::parse_v4(b) {
+    let mut parsed = parse::parse_v4(h.bounds());
+    // At TC the headers may sit in an skb's paged data: pulled in once.
+    if matches!(parsed, Err(Skip::Truncated)) && h.pull((L4_OFF + 20) as u32) {
+        parsed = parse::parse_v4(h.bounds());
+    }
+    let pkt = match parsed {
         Ok(p) => p,
-        Err(Skip::OtherProto)
-            if parse::parse_icmp_error_v4(b).is_some_and(|e| icmp::translate_xdp(&e, st)) =>
-        {
-            return XDP_PASS; // the kernel routes it to its new destination
+        Err(Skip::OtherProto) if icmp_error(h, st) => {
+            return Action::Pass; // the kernel routes it to its new destination
         }
         Err(skip) => {
             count_skip(st, skip);
-            return XDP_PASS;
+            return Action::Pass;
         }
     };
 
@@ -56,7 +56,7 @@ pub fn handle(ctx: &XdpContext) -> u32 {
     };
     // SAFETY: read-only copy of a hash value.
     let Some(svc) = (unsafe { LB_FRONTENDS_V4.get(&key) }).copied() else {
-        return not_a_frontend(ctx, st, &pkt);
+        return not_a_frontend(h, st, &pkt);
     };
 
     if svc.flags & SVC_F_SOURCE_RANGES != 0 && !source_allowed(&svc, &pkt) {
@@ -64,7 +64,7 @@ pub fn handle(ctx: &XdpContext) -> u32 {
         bump(LB_SVC_COUNTERS.get_ptr_mut(svc.service_id), |c| {
             c.denied += 1
         });
-        return XDP_DROP;
+        return Action::Drop;
     }
 
     let now = conntrack::now();
@@ -101,7 +101,7 @@ pub fn handle(ctx: &XdpContext) -> u32 {
                 bump(LB_SVC_COUNTERS.get_ptr_mut(svc.service_id), |c| {
                     c.no_backend += 1
                 });
-                return refuse(ctx, st, &svc, &pkt);
+                return refuse(h, st, &svc, &pkt);
             };
             // `prev`: the token of the entry this pin replaces.
             let (reason, prev) = match lookup {
@@ -124,11 +124,11 @@ pub fn handle(ctx: &XdpContext) -> u32 {
             } else {
                 let Some(cfg) = snat::config() else {
                     st.fib_failed += 1;
-                    return XDP_DROP;
+                    return Action::Drop;
                 };
                 let Some(ep) = snat::reserve(&cfg, &pkt, hash, choice.id, &be, now, st) else {
                     st.snat_exhausted += 1;
-                    return XDP_DROP;
+                    return Action::Drop;
                 };
                 Some(ep)
             };
@@ -169,7 +169,7 @@ pub fn handle(ctx: &XdpContext) -> u32 {
                 }
                 Pinned::ReplyClash => {
                     st.drop_reply_clash += 1;
-                    return XDP_DROP;
+                    return Action::Drop;
                 }
             };
             st.new_flows += 1;
@@ -177,7 +177,10 @@ pub fn handle(ctx: &XdpContext) -> u32 {
         }
     };
 
-    nat::rewrite_xdp(&pkt, src, Some((be.addr, be.port_be)));
+    if !h.rewrite(&pkt, src, Some((be.addr, be.port_be))) {
+        st.tc_rewrite_failed += 1;
+        return Action::Drop;
+    }
 
     let len = pkt.len as u64;
     bump(LB_SVC_COUNTERS.get_ptr_mut(svc.service_id), |c| {
@@ -199,32 +202,45 @@ pub fn handle(ctx: &XdpContext) -> u32 {
         }
     }
     if !remote {
-        return XDP_PASS; // the kernel routes to the local pod
+        return Action::Pass; // the kernel routes to the local pod
     }
     if new_flow {
         st.forwarded += 1;
     }
-    forward::forward(ctx, &pkt, st)
+    h.forward(&pkt, st)
+}
+
+/// An ICMP error about a packet this node sent for a flow: its quote is
+/// translated back. True if it was.
+#[inline(always)]
+fn icmp_error(h: &impl Hook, st: &mut Stats) -> bool {
+    // The quote may sit in paged data (TC): pull in the headers up to the
+    // quoted TCP checksum, the longest read.
+    h.pull(ICMP_QUOTE_END as u32);
+    parse::parse_icmp_error_v4(h.bounds()).is_some_and(|e| icmp::translate_xdp(&e, st))
 }
 
 /// Not a frontend: a reply of a flow this node forwarded to a remote backend
 /// (to the SNAT address, in the SNAT port range) is translated back to the
 /// client and sent on; anything else passes untouched.
 #[inline(always)]
-fn not_a_frontend(ctx: &XdpContext, st: &mut Stats, pkt: &PacketV4) -> u32 {
+fn not_a_frontend(h: &impl Hook, st: &mut Stats, pkt: &PacketV4) -> Action {
     if let Some(cfg) = snat::config() {
         let port = u16::from_be(pkt.dport_be);
         if pkt.dst == cfg.snat_addr
             && (cfg.snat_port_lo..=cfg.snat_port_hi).contains(&port)
             && let Some((src, dst)) = snat::reverse(pkt, conntrack::now(), st)
         {
-            nat::rewrite_xdp(pkt, Some(src), Some(dst));
+            if !h.rewrite(pkt, Some(src), Some(dst)) {
+                st.tc_rewrite_failed += 1;
+                return Action::Drop;
+            }
             st.reverse_snat += 1;
-            return forward::forward(ctx, pkt, st);
+            return h.forward(pkt, st);
         }
     }
     st.pass_not_service += 1;
-    XDP_PASS
+    Action::Pass
 }
 
 /// True if the client is inside one of the service's source ranges.
@@ -241,30 +257,30 @@ fn source_allowed(svc: &ServiceValue, pkt: &PacketV4) -> bool {
 }
 
 /// No usable backend: drop (eTP Local, as kube-proxy) or answer with a TCP
-/// RST / ICMP port unreachable sent back from XDP.
+/// RST / ICMP port unreachable sent back out of the receiving interface.
 #[inline(always)]
-fn refuse(ctx: &XdpContext, st: &mut Stats, svc: &ServiceValue, pkt: &PacketV4) -> u32 {
+fn refuse(h: &impl Hook, st: &mut Stats, svc: &ServiceValue, pkt: &PacketV4) -> Action {
     if svc.flags & SVC_F_DROP_NO_BACKEND != 0 {
         st.drop_no_backend += 1;
-        return XDP_DROP;
+        return Action::Drop;
     }
     let built = if pkt.proto == IPPROTO_TCP {
-        reject::tcp_rst(ctx, pkt)
+        reject::tcp_rst(h, pkt)
     } else {
-        reject::icmp_port_unreachable(ctx, pkt)
+        reject::icmp_port_unreachable(h, pkt)
     };
     if !built {
         // A RST is never answered; anything else that cannot be turned
         // into an answer is dropped rather than passed to a host socket.
         st.reject_failed += 1;
-        return XDP_DROP;
+        return Action::Drop;
     }
     if pkt.proto == IPPROTO_TCP {
         st.reject_tcp += 1;
     } else {
         st.reject_udp += 1;
     }
-    XDP_TX
+    Action::Bounce
 }
 
 #[inline(always)]

@@ -1,17 +1,20 @@
-//! The datapath: an XDP program for client → service packets and a TC egress
-//! program for the replies. Entry points are one line; the logic lives in one
-//! module per concern:
+//! The datapath: an ingress program for client → service packets, at XDP or
+//! at TC ingress (the same logic, see `hook`), and a TC egress program for
+//! the replies. Entry points are one line; the logic lives in one module per
+//! concern:
 //!
 //! ```text
 //! parse.rs      one bounds check, one packet description
 //! maps.rs       every map, declared once
-//! ingress.rs    XDP: frontend → conntrack → select → DNAT → XDP_PASS
+//! ingress.rs    frontend → conntrack → select → DNAT → pass or forward
 //! select.rs     Maglev choice for new flows
 //! conntrack.rs  flow pinning (forward + reply entries)
 //! flows.rs      exact open-flow counts per backend (tokens, registry, atomic counts)
 //! nat.rs        rewrites and checksums
 //! snat.rs       SNAT port reservation and reverse translation (remote backends)
-//! forward.rs    fib lookup, XDP_TX / XDP_REDIRECT
+//! hook.rs       what differs between XDP and TC ingress: rewrites,
+//!               forwarding (fib lookup; XDP_TX/REDIRECT or bpf_redirect_neigh),
+//!               resizing; the actions' verdicts
 //! icmp.rs       ICMP errors about translated flows, translated back
 //! reject.rs     TCP RST / ICMP unreachable when a service has no backend
 //! reply.rs      TC egress: reverse NAT of replies
@@ -28,7 +31,7 @@ mod conntrack;
 #[cfg(target_arch = "bpf")]
 mod flows;
 #[cfg(target_arch = "bpf")]
-mod forward;
+mod hook;
 #[cfg(target_arch = "bpf")]
 mod icmp;
 #[cfg(target_arch = "bpf")]
@@ -58,7 +61,16 @@ mod entry {
     /// XDP ingress: NodePort / LoadBalancer DNAT.
     #[xdp]
     pub fn lb_xdp(ctx: XdpContext) -> u32 {
-        crate::ingress::handle(&ctx)
+        let a = crate::ingress::handle(&ctx, |st| st.xdp_packets += 1);
+        crate::hook::xdp_verdict(&ctx, a)
+    }
+
+    /// TC ingress: the same, for devices where XDP does not fit (veth and
+    /// other virtual devices).
+    #[classifier]
+    pub fn lb_tc_ingress(ctx: TcContext) -> i32 {
+        let a = crate::ingress::handle(&ctx, |st| st.tc_ingress_packets += 1);
+        crate::hook::tc_verdict(&ctx, a)
     }
 
     /// The agent's side of the open-flow counting protocol: the input

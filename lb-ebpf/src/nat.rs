@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use lb_common::{IPPROTO_UDP, csum};
 
-use crate::parse::{IP_CHECK_OFF, IP_SRC_OFF, L4_DPORT_OFF, L4_SPORT_OFF, PacketV4};
+use crate::parse::{IP_CHECK_OFF, IP_DST_OFF, IP_SRC_OFF, L4_DPORT_OFF, L4_SPORT_OFF, PacketV4};
 
 /// An address and a port (network byte order).
 pub type Endpoint = ([u8; 4], u16);
@@ -47,48 +47,74 @@ pub fn rewrite_xdp(pkt: &PacketV4, src: Option<Endpoint>, dst: Option<Endpoint>)
     }
 }
 
-/// TC: rewrites the source to `addr:port_be` (reverse NAT of a reply), and
-/// the destination port to `client_port_be` when given (a flow whose client
-/// port was remapped). Packet pointers in `pkt` are invalid afterwards; only
-/// offsets are used.
+/// TC: rewrites the source and/or the destination of `pkt` through the
+/// kernel's helpers: the addresses are in the L4 pseudo-header
+/// (`BPF_F_PSEUDO_HDR`), so a `CHECKSUM_PARTIAL` skb, whose L4 checksum
+/// field holds only the pseudo-header sum, stays right; a zero UDP checksum
+/// stays zero. An endpoint whose address does not change only has its port
+/// rewritten. Packet pointers in `pkt` are invalid afterwards.
 #[inline(always)]
-pub fn snat_tc(
+pub fn rewrite_tc(
     ctx: &TcContext,
     pkt: &PacketV4,
-    addr: [u8; 4],
-    port_be: u16,
-    client_port_be: Option<u16>,
+    src: Option<Endpoint>,
+    dst: Option<Endpoint>,
 ) -> Result<(), i64> {
-    let old = u32::from_ne_bytes(pkt.src) as u64;
-    let new = u32::from_ne_bytes(addr) as u64;
+    if let Some(new) = src {
+        replace_tc(
+            ctx,
+            pkt,
+            (pkt.src, pkt.sport_be),
+            new,
+            IP_SRC_OFF,
+            L4_SPORT_OFF,
+        )?;
+    }
+    if let Some(new) = dst {
+        replace_tc(
+            ctx,
+            pkt,
+            (pkt.dst, pkt.dport_be),
+            new,
+            IP_DST_OFF,
+            L4_DPORT_OFF,
+        )?;
+    }
+    Ok(())
+}
+
+/// Replaces one endpoint (`old` → `new`) at `addr_off` / `port_off`.
+#[inline(always)]
+fn replace_tc(
+    ctx: &TcContext,
+    pkt: &PacketV4,
+    old: Endpoint,
+    new: Endpoint,
+    addr_off: usize,
+    port_off: usize,
+) -> Result<(), i64> {
     let mangled0 = if pkt.proto == IPPROTO_UDP {
         BPF_F_MARK_MANGLED_0 as u64
     } else {
         0
     };
-    ctx.l4_csum_replace(
-        pkt.l4_check_off,
-        old,
-        new,
-        BPF_F_PSEUDO_HDR as u64 | mangled0 | 4,
-    )?;
-    ctx.l4_csum_replace(
-        pkt.l4_check_off,
-        pkt.sport_be as u64,
-        port_be as u64,
-        mangled0 | 2,
-    )?;
-    if let Some(p) = client_port_be {
+    if old.0 != new.0 {
+        let (o, n) = (
+            u32::from_ne_bytes(old.0) as u64,
+            u32::from_ne_bytes(new.0) as u64,
+        );
         ctx.l4_csum_replace(
             pkt.l4_check_off,
-            pkt.dport_be as u64,
-            p as u64,
-            mangled0 | 2,
+            o,
+            n,
+            BPF_F_PSEUDO_HDR as u64 | mangled0 | 4,
         )?;
-        ctx.store(L4_DPORT_OFF, &p, 0)?;
+        ctx.l3_csum_replace(IP_CHECK_OFF, o, n, 4)?;
+        ctx.store(addr_off, &new.0, 0)?;
     }
-    ctx.l3_csum_replace(IP_CHECK_OFF, old, new, 4)?;
-    ctx.store(IP_SRC_OFF, &addr, 0)?;
-    ctx.store(L4_SPORT_OFF, &port_be, 0)?;
+    if old.1 != new.1 {
+        ctx.l4_csum_replace(pkt.l4_check_off, old.1 as u64, new.1 as u64, mangled0 | 2)?;
+        ctx.store(port_off, &new.1, 0)?;
+    }
     Ok(())
 }

@@ -17,8 +17,12 @@ pub const L3_OFF: usize = EthHdr::LEN;
 pub const L4_OFF: usize = L3_OFF + Ipv4Hdr::LEN;
 /// Offset of the IPv4 header checksum.
 pub const IP_CHECK_OFF: usize = L3_OFF + 10;
+/// Offset of the IPv4 TTL.
+pub const IP_TTL_OFF: usize = L3_OFF + 8;
 /// Offset of the IPv4 source address.
 pub const IP_SRC_OFF: usize = L3_OFF + 12;
+/// Offset of the IPv4 destination address.
+pub const IP_DST_OFF: usize = L3_OFF + 16;
 /// Offset of the L4 source port.
 pub const L4_SPORT_OFF: usize = L4_OFF;
 /// Offset of the L4 destination port.
@@ -103,7 +107,12 @@ pub struct PacketV4 {
     /// RST as `CT_TCP_ACK`; the reply path maps them with
     /// `lb_common::flow::reply_flags`).
     pub tcp_flags: u8,
-    /// Bytes from the Ethernet header to the end of the packet.
+    /// The IPv4 TTL as received.
+    pub ttl: u8,
+    /// The IPv4 total length (host order).
+    pub tot_len: u16,
+    /// Bytes from the Ethernet header to the end of the packet (at TC,
+    /// paged data included).
     pub len: u32,
 }
 
@@ -176,7 +185,9 @@ pub fn parse_v4(b: Bounds) -> Result<PacketV4, Skip> {
         dport_be,
         proto,
         tcp_flags,
-        len: (b.end - b.start) as u32,
+        ttl: iph.ttl,
+        tot_len: u16::from_be_bytes(iph.tot_len),
+        len: b.len as u32,
     })
 }
 

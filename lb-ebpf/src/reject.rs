@@ -1,27 +1,25 @@
 //! Refusing a flow to a service that has no usable backend, the way
-//! kube-proxy does, but from XDP: a TCP segment is answered with a RST and a
+//! kube-proxy does, but from the datapath: a TCP segment is answered with a RST and a
 //! UDP datagram with ICMP port unreachable, both sent back out of the
-//! receiving interface (`XDP_TX`). Never a silent black hole.
+//! receiving interface (`Action::Bounce`). Never a silent black hole.
 //!
-//! Both rewrite the received packet in place into the answer, then trim it.
+//! Both rewrite the received packet in place into the answer, then trim it
+//! (through the hook: the same code at XDP and TC). At TC the skb keeps its
+//! checksum state; a `CHECKSUM_PARTIAL` one only comes from a socket on
+//! this host over a virtual device, whose receiver trusts it.
 
-use aya_ebpf::{
-    helpers::generated::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
-    programs::XdpContext,
-};
 use lb_common::{IPPROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, csum};
 use network_types::{ip::Ipv4Hdr, tcp::TcpHdr};
 
-use crate::parse::{Bounds, L3_OFF, L4_OFF, PacketV4};
+use crate::{
+    hook::Hook,
+    parse::{L3_OFF, L4_OFF, PacketV4},
+};
 
 const TCP_RST_LEN: usize = L4_OFF + TcpHdr::LEN;
 /// Ethernet + IPv4 + ICMP header + the offending IPv4 header + 8 bytes of it.
 const ICMP_UNREACH_LEN: usize = L4_OFF + 8 + Ipv4Hdr::LEN + 8;
 const ICMP_GROW: usize = 8 + Ipv4Hdr::LEN;
-
-fn bounds(ctx: &XdpContext) -> Bounds {
-    Bounds::xdp(ctx)
-}
 
 /// Writes a fresh IPv4 header (no options, DF, TTL 64) with its checksum.
 #[inline(always)]
@@ -41,19 +39,10 @@ fn ipv4_header(ip: &mut Ipv4Hdr, src: [u8; 4], dst: [u8; 4], proto: u8, tot_len:
     ip.check = csum::finish(csum::sum(bytes)).to_ne_bytes();
 }
 
-/// Shrinks the packet from `cur` to `len` bytes. (The caller knows `cur`:
-/// computing it from the context pointers here trips the verifier.)
-#[inline(always)]
-fn trim(ctx: &XdpContext, cur: u32, len: usize) -> bool {
-    let delta = len as i32 - cur as i32;
-    // SAFETY: helper on this program's own context.
-    delta == 0 || unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } == 0
-}
-
 /// Turns the TCP segment `pkt` into the RST its sender expects (RFC 9293
-/// 3.10.7.1) and returns true if it is ready for `XDP_TX`.
+/// 3.10.7.1) and returns true if it is ready to bounce.
 #[inline(always)]
-pub fn tcp_rst(ctx: &XdpContext, pkt: &PacketV4) -> bool {
+pub fn tcp_rst(h: &impl Hook, pkt: &PacketV4) -> bool {
     // SAFETY: the parser checked that Ethernet, IPv4 (no options) and the
     // 20-byte TCP header are in the packet; they do not overlap.
     let (eth, ip, tcp) = unsafe {
@@ -99,7 +88,7 @@ pub fn tcp_rst(ctx: &XdpContext, pkt: &PacketV4) -> bool {
     let pseudo = pseudo_sum(pkt.dst, pkt.src, IPPROTO_TCP, TcpHdr::LEN as u16);
     let c = csum::finish(csum::combine(pseudo, csum::sum(tcp)));
     tcp[16..18].copy_from_slice(&c.to_ne_bytes());
-    trim(ctx, pkt.len, TCP_RST_LEN)
+    h.trim(pkt.len, TCP_RST_LEN as u32)
 }
 
 /// The one's-complement sum of an IPv4 pseudo-header.
@@ -115,17 +104,16 @@ fn pseudo_sum(src: [u8; 4], dst: [u8; 4], proto: u8, len: u16) -> u32 {
 
 /// Turns the UDP datagram `pkt` into an ICMP port unreachable (type 3,
 /// code 3) quoting its IPv4 header and first 8 bytes, from the frontend
-/// address, and returns true if it is ready for `XDP_TX`.
+/// address, and returns true if it is ready to bounce.
 #[inline(always)]
-pub fn icmp_port_unreachable(ctx: &XdpContext, pkt: &PacketV4) -> bool {
+pub fn icmp_port_unreachable(h: &impl Hook, pkt: &PacketV4) -> bool {
     let (client, frontend) = (pkt.src, pkt.dst);
     // Room in front for the new IPv4 + ICMP headers: the old Ethernet header
     // moves to offset 28, the quoted IPv4 header to 42 (right after ICMP).
-    // SAFETY: helper on this program's own context.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(ICMP_GROW as i32)) } != 0 {
+    if !h.grow_head(ICMP_GROW as u32) {
         return false;
     }
-    let b = bounds(ctx);
+    let b = h.bounds();
     let Some(p) = b.ptr_at::<[u8; ICMP_UNREACH_LEN]>(0) else {
         return false;
     };
@@ -143,5 +131,5 @@ pub fn icmp_port_unreachable(ctx: &XdpContext, pkt: &PacketV4) -> bool {
     icmp[0..8].copy_from_slice(&[3, 3, 0, 0, 0, 0, 0, 0]);
     let c = csum::finish(csum::sum(icmp));
     icmp[2..4].copy_from_slice(&c.to_ne_bytes());
-    trim(ctx, pkt.len + ICMP_GROW as u32, ICMP_UNREACH_LEN)
+    h.trim(pkt.len + ICMP_GROW as u32, ICMP_UNREACH_LEN as u32)
 }

@@ -59,7 +59,10 @@ pub fn handle(ctx: &TcContext) -> i32 {
             flows::pod_fin(&fkey, st);
         }
     }
-    if nat::snat_tc(ctx, &pkt, addr, port, client).is_err() {
+    // Back to the frontend the client used; to the client's own port when
+    // the flow's was remapped.
+    let dst = client.map(|p| (pkt.dst, p));
+    if nat::rewrite_tc(ctx, &pkt, Some((addr, port)), dst).is_err() {
         st.tc_rewrite_failed += 1;
         return TC_ACT_UNSPEC;
     }

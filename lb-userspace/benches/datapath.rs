@@ -587,6 +587,8 @@ impl Setup {
             ct_capacity: CT_CAPACITY,
         })
         .map_err(|e| format!("load the datapath: {e}"))?;
+        dp.load_ingress(lb_userspace::loader::IngressHook::Xdp)
+            .map_err(|e| format!("load the XDP program: {e}"))?;
         let mut maps = KernelMaps::from_ebpf(&mut dp.ebpf).map_err(|e| e.to_string())?;
         let pass = lb_testkit::xdp_pass::load().map_err(|e| format!("{e:#}"))?;
 
@@ -1233,6 +1235,8 @@ fn snat_path(quick: bool) -> Result<Value, String> {
                 ct_capacity: CT_CAPACITY,
             })
             .map_err(|e| e.to_string())?;
+            dp.load_ingress(lb_userspace::loader::IngressHook::Xdp)
+                .map_err(|e| e.to_string())?;
             dp.configure(&lb_common::DatapathConfig {
                 snat_addr: NODE,
                 snat_port_lo: 1024,

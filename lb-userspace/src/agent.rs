@@ -405,9 +405,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Attach first: with pinned links a restart replaces the programs
     // atomically and keeps serving the pinned state while we sync.
     for iface in &args.interfaces {
-        if let Err(e) = dp.attach(iface) {
-            dp.detach_all();
-            return Err(e.into());
+        match dp.attach(iface, args.attach) {
+            Ok(hook) => shared.metrics.set_attached(iface, hook),
+            Err(e) => {
+                dp.detach_all();
+                return Err(e.into());
+            }
         }
     }
     // The objects of the last load of the manifests: what a reload is

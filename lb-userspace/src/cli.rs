@@ -29,6 +29,17 @@ pub enum Command {
     /// List the backends of this node's services with their state (ready,
     /// serving, terminating, removed), open flows, packets and bytes.
     Backends(BackendsArgs),
+    /// List the interfaces the datapath is attached to and the hook that
+    /// runs its ingress logic on each (xdp or tc), from the pinned links.
+    Interfaces(InterfacesArgs),
+}
+
+/// Arguments of `lb-agent interfaces`.
+#[derive(Debug, Args)]
+pub struct InterfacesArgs {
+    /// bpffs directory where the agent pins its maps and links.
+    #[arg(long, default_value = "/sys/fs/bpf/lb", value_name = "PATH")]
+    pub bpffs_root: PathBuf,
 }
 
 /// Arguments of `lb-agent flows`.
@@ -65,11 +76,18 @@ pub struct BackendsArgs {
 /// Arguments of `lb-agent run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Interface that receives service traffic (repeatable). XDP is attached
-    /// to its ingress and TC to its egress; NodePorts are served on every
+    /// Interface that receives service traffic (repeatable). The ingress
+    /// logic is attached at XDP or TC ingress (`--attach`), the reply path
+    /// at TC egress; NodePorts are served on every
     /// IPv4 address of these interfaces.
     #[arg(short, long = "interface", value_name = "IFACE", required = true)]
     pub interfaces: Vec<String>,
+
+    /// Where the ingress logic runs: `auto` (native XDP where the driver
+    /// has it, TC ingress on veth and other virtual devices, never generic
+    /// XDP), `xdp` (native XDP or an error) or `tc` (TC ingress).
+    #[arg(long, value_enum, default_value_t = crate::loader::AttachMode::Auto)]
+    pub attach: crate::loader::AttachMode,
 
     /// Static source instead of Kubernetes: Service and EndpointSlice
     /// objects in a YAML file as printed by `kubectl get

@@ -1,6 +1,7 @@
 //! Loads the embedded eBPF object, pins its maps (reusing pins left by a
 //! previous run, so conntrack and counters survive a restart), and attaches
-//! the XDP and TC programs to the node's interfaces.
+//! the programs to the node's interfaces: the ingress logic at XDP or at TC
+//! ingress ([`AttachMode`]), the reply path at TC egress.
 
 use std::{
     fs,
@@ -26,6 +27,9 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 
 /// Name of the XDP program in the object.
 pub const XDP_PROGRAM: &str = "lb_xdp";
+/// Name of the TC ingress program in the object (the same logic as
+/// [`XDP_PROGRAM`], for devices where XDP does not fit).
+pub const TC_INGRESS_PROGRAM: &str = "lb_tc_ingress";
 /// Name of the TC egress program in the object.
 pub const TC_PROGRAM: &str = "lb_tc_egress";
 /// Name of the program that ends one flow's open-flow count (run by the
@@ -75,8 +79,96 @@ pub struct Datapath {
 /// The two links of one interface, pinned so that they outlive the agent.
 struct Attached {
     iface: String,
-    xdp: (PathBuf, PinnedLink),
+    ingress: (PathBuf, PinnedLink),
     tc: (PathBuf, PinnedLink),
+}
+
+/// Where the ingress logic runs on an interface (`--attach`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum AttachMode {
+    /// Native XDP on a device whose driver has it; TC ingress on veth and
+    /// other virtual devices (no `device` in sysfs), and on a NIC whose
+    /// driver refuses native XDP. Never generic XDP.
+    #[default]
+    Auto,
+    /// Native XDP only: an error if the driver does not have it.
+    Xdp,
+    /// TC ingress.
+    Tc,
+}
+
+/// The hook that runs the ingress logic on an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum IngressHook {
+    /// Native XDP.
+    Xdp,
+    /// TC ingress.
+    Tc,
+}
+
+impl IngressHook {
+    /// `xdp` or `tc` (logs, metrics, `lb-agent interfaces`).
+    pub fn name(self) -> &'static str {
+        match self {
+            IngressHook::Xdp => "xdp",
+            IngressHook::Tc => "tc",
+        }
+    }
+
+    /// The name of its pinned link for `iface` under `<bpffs-root>/links`.
+    pub fn link_name(self, iface: &str) -> String {
+        match self {
+            IngressHook::Xdp => format!("xdp-{iface}"),
+            IngressHook::Tc => format!("tc-ingress-{iface}"),
+        }
+    }
+
+    fn other(self) -> Self {
+        match self {
+            IngressHook::Xdp => IngressHook::Tc,
+            IngressHook::Tc => IngressHook::Xdp,
+        }
+    }
+}
+
+/// The pinned egress link of `iface`.
+fn egress_link_name(iface: &str) -> String {
+    format!("tc-egress-{iface}")
+}
+
+/// The interfaces with programs attached, from the links pinned under
+/// `link_dir`: (interface, ingress hook), sorted.
+pub fn attached_interfaces(link_dir: &Path) -> Result<Vec<(String, IngressHook)>> {
+    let entries = fs::read_dir(link_dir).map_err(|source| Error::Io {
+        path: link_dir.to_path_buf(),
+        source,
+    })?;
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(i) = name.strip_prefix("xdp-") {
+            out.push((i.to_owned(), IngressHook::Xdp));
+        } else if let Some(i) = name.strip_prefix("tc-ingress-") {
+            out.push((i.to_owned(), IngressHook::Tc));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// A device without a `device` link in sysfs is virtual (veth, bridge,
+/// vxlan, dummy, …): its XDP runs on skbs converted to XDP buffers, and
+/// its peers may not take `XDP_TX` frames.
+fn is_virtual(iface: &str) -> bool {
+    !Path::new("/sys/class/net")
+        .join(iface)
+        .join("device")
+        .exists()
+}
+
+/// The directory where links are pinned (they outlive the agent).
+pub fn link_dir(bpffs_root: &Path) -> PathBuf {
+    bpffs_root.join("links")
 }
 
 /// The directory where maps of this layout version are pinned.
@@ -110,16 +202,15 @@ impl Datapath {
             .load(EBPF_OBJECT)
             .map_err(|e| Error::Datapath(format!("loading the eBPF object: {e}")))?;
 
-        let xdp: &mut Xdp = program(&mut ebpf, XDP_PROGRAM)?;
-        xdp.load()
-            .map_err(|e| Error::Datapath(format!("verifier rejected {XDP_PROGRAM}: {e}")))?;
+        // The ingress programs are loaded when an interface needs one
+        // (`load_ingress`): the verifier takes most of a second on each.
         let tc: &mut SchedClassifier = program(&mut ebpf, TC_PROGRAM)?;
         tc.load()
             .map_err(|e| Error::Datapath(format!("verifier rejected {TC_PROGRAM}: {e}")))?;
         let end: &mut Xdp = program(&mut ebpf, FLOW_END_PROGRAM)?;
         end.load()
             .map_err(|e| Error::Datapath(format!("verifier rejected {FLOW_END_PROGRAM}: {e}")))?;
-        let link_dir = opts.bpffs_root.join("links");
+        let link_dir = link_dir(&opts.bpffs_root);
         fs::create_dir_all(&link_dir).map_err(|source| Error::Io {
             path: link_dir.clone(),
             source,
@@ -132,81 +223,132 @@ impl Datapath {
         })
     }
 
-    /// Attaches XDP (ingress; native mode when the driver supports it, else
-    /// generic) and TC egress to `iface`, through links pinned under
-    /// `<bpffs-root>/links/`. If a previous agent left pinned links there,
-    /// their programs are replaced atomically (`bpf_link_update`): traffic
-    /// never sees the interface without a program, so a restart keeps every
-    /// flow.
-    pub fn attach(&mut self, iface: &str) -> Result<()> {
+    /// Loads the program of `hook` into the kernel, unless it already is.
+    pub fn load_ingress(&mut self, hook: IngressHook) -> Result<()> {
+        let rejected = |name: &str, e: &dyn std::fmt::Display| {
+            Error::Datapath(format!("verifier rejected {name}: {e}"))
+        };
+        match hook {
+            IngressHook::Xdp => {
+                let p: &mut Xdp = program(&mut self.ebpf, XDP_PROGRAM)?;
+                if p.fd().is_err() {
+                    p.load().map_err(|e| rejected(XDP_PROGRAM, &e))?;
+                }
+            }
+            IngressHook::Tc => {
+                let p: &mut SchedClassifier = program(&mut self.ebpf, TC_INGRESS_PROGRAM)?;
+                if p.fd().is_err() {
+                    p.load().map_err(|e| rejected(TC_INGRESS_PROGRAM, &e))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Attaches the ingress logic to `iface` at the hook `mode` selects,
+    /// and TC egress, through links pinned under `<bpffs-root>/links/`. If
+    /// a previous agent left pinned links there, their programs are
+    /// replaced atomically (`bpf_link_update`): traffic never sees the
+    /// interface without a program, so a restart keeps every flow. A link
+    /// of the other ingress hook (a previous agent's choice) is removed once
+    /// the new one is in place. Returns the hook in use.
+    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<IngressHook> {
+        let hook = match mode {
+            AttachMode::Xdp => IngressHook::Xdp,
+            AttachMode::Tc => IngressHook::Tc,
+            AttachMode::Auto if is_virtual(iface) => IngressHook::Tc,
+            AttachMode::Auto => IngressHook::Xdp,
+        };
+        let (hook, ingress) = match self.attach_ingress(iface, hook) {
+            Ok(link) => (hook, link),
+            Err(e) if mode == AttachMode::Auto && hook == IngressHook::Xdp => {
+                warn!(iface, error = %e, "no native XDP on this device: using TC ingress");
+                let link = self.attach_ingress(iface, IngressHook::Tc)?;
+                (IngressHook::Tc, link)
+            }
+            Err(e) => return Err(e),
+        };
+        let tc = self.attach_egress(iface)?;
+        let stale = self.link_dir.join(hook.other().link_name(iface));
+        if let Ok(old) = PinnedLink::from_pin(&stale)
+            && let Err(e) = old.unpin()
+        {
+            warn!(iface, path = %stale.display(), error = %e, "removing the other hook's link");
+        }
+
+        // A forwarded packet the datapath cannot send itself (XDP: next hop
+        // not resolved yet; either hook: no route, too large) is handed to
+        // the kernel already SNAT'd to this node's address; the kernel must
+        // accept a local source on this interface to forward it.
+        let sysctl = format!("/proc/sys/net/ipv4/conf/{iface}/accept_local");
+        if let Err(e) = fs::write(&sysctl, "1") {
+            warn!(iface, error = %e, "cannot set accept_local; forwarded packets the kernel must route may be lost");
+        }
+        info!(
+            iface,
+            ingress = hook.name(),
+            "attached {} ingress and TC egress",
+            hook.name().to_uppercase()
+        );
+        self.attached.push(Attached {
+            iface: iface.to_string(),
+            ingress,
+            tc,
+        });
+        Ok(hook)
+    }
+
+    /// Attaches (or replaces the program of the pinned link of) the ingress
+    /// program of `hook` on `iface`.
+    fn attach_ingress(&mut self, iface: &str, hook: IngressHook) -> Result<(PathBuf, PinnedLink)> {
         let fail = |what: &str, e: &dyn std::fmt::Display| {
             Error::Datapath(format!("{what} on {iface}: {e}"))
         };
-        let xdp_pin = self.link_dir.join(format!("xdp-{iface}"));
-        let tc_pin = self.link_dir.join(format!("tc-egress-{iface}"));
-
-        let xdp: &mut Xdp = program(&mut self.ebpf, XDP_PROGRAM)?;
-        let xdp_id = match PinnedLink::from_pin(&xdp_pin) {
-            Ok(old) => {
-                let link = XdpLink::try_from(FdLink::from(old))
-                    .map_err(|e| fail("reusing the pinned XDP link", &e))?;
-                let id = xdp
-                    .attach_to_link(link)
-                    .map_err(|e| fail("replacing the XDP program", &e))?;
-                info!(iface, "replaced the program of the pinned XDP link");
-                id
+        self.load_ingress(hook)?;
+        let pin = self.link_dir.join(hook.link_name(iface));
+        let link = match hook {
+            IngressHook::Xdp => {
+                let xdp: &mut Xdp = program(&mut self.ebpf, XDP_PROGRAM)?;
+                let id = match PinnedLink::from_pin(&pin) {
+                    Ok(old) => {
+                        let link = XdpLink::try_from(FdLink::from(old))
+                            .map_err(|e| fail("reusing the pinned XDP link", &e))?;
+                        let id = xdp
+                            .attach_to_link(link)
+                            .map_err(|e| fail("replacing the XDP program", &e))?;
+                        info!(iface, "replaced the program of the pinned XDP link");
+                        id
+                    }
+                    // Native only: generic XDP costs more than TC ingress
+                    // and is never chosen silently.
+                    Err(_) => xdp
+                        .attach(iface, XdpMode::Driver)
+                        .map_err(|e| fail("attaching native XDP (try --attach tc)", &e))?,
+                };
+                let link = xdp.take_link(id).map_err(|e| fail("XDP link", &e))?;
+                FdLink::try_from(link).map_err(|e| fail("XDP link", &e))?
             }
-            Err(_) => match xdp.attach(iface, XdpMode::Driver) {
-                Ok(id) => id,
-                Err(e) => {
-                    warn!(iface, error = %e, "native XDP unavailable, using generic (skb) mode");
-                    xdp.attach(iface, XdpMode::Skb)
-                        .map_err(|e| fail("attaching XDP", &e))?
-                }
-            },
+            IngressHook::Tc => {
+                let tc: &mut SchedClassifier = program(&mut self.ebpf, TC_INGRESS_PROGRAM)?;
+                let id = attach_tc(tc, iface, &pin, TcAttachType::Ingress)?;
+                let link = tc.take_link(id).map_err(|e| fail("TC ingress link", &e))?;
+                FdLink::try_from(link).map_err(|e| fail("TC ingress link", &e))?
+            }
         };
-        let link = xdp.take_link(xdp_id).map_err(|e| fail("XDP link", &e))?;
-        let xdp_link = pin_link(
-            FdLink::try_from(link).map_err(|e| fail("XDP link", &e))?,
-            &xdp_pin,
-        )?;
+        Ok((pin.clone(), pin_link(link, &pin)?))
+    }
 
+    /// Attaches (or replaces the program of the pinned link of) TC egress.
+    fn attach_egress(&mut self, iface: &str) -> Result<(PathBuf, PinnedLink)> {
+        let pin = self.link_dir.join(egress_link_name(iface));
         let tc: &mut SchedClassifier = program(&mut self.ebpf, TC_PROGRAM)?;
-        let tc_id = match PinnedLink::from_pin(&tc_pin) {
-            Ok(old) => {
-                let link = SchedClassifierLink::try_from(FdLink::from(old))
-                    .map_err(|e| fail("reusing the pinned TC link", &e))?;
-                let id = tc
-                    .attach_to_link(link)
-                    .map_err(|e| fail("replacing the TC program", &e))?;
-                info!(iface, "replaced the program of the pinned TC link");
-                id
-            }
-            Err(_) => tc
-                .attach(iface, TcAttachType::Egress)
-                .map_err(|e| fail("attaching TC egress", &e))?,
-        };
-        let link = tc.take_link(tc_id).map_err(|e| fail("TC link", &e))?;
-        let tc_link = pin_link(
-            FdLink::try_from(link).map_err(|e| fail("TC link", &e))?,
-            &tc_pin,
-        )?;
-
-        // A forwarded packet whose next hop is not resolved yet is handed to
-        // the kernel already SNAT'd to this node's address; the kernel must
-        // accept a local source on this interface to forward it (and so
-        // resolve the neighbour for the next packets).
-        let sysctl = format!("/proc/sys/net/ipv4/conf/{iface}/accept_local");
-        if let Err(e) = fs::write(&sysctl, "1") {
-            warn!(iface, error = %e, "cannot set accept_local; first packets to an unresolved next hop may be lost");
-        }
-        info!(iface, "attached XDP ingress and TC egress");
-        self.attached.push(Attached {
-            iface: iface.to_string(),
-            xdp: (xdp_pin, xdp_link),
-            tc: (tc_pin, tc_link),
-        });
-        Ok(())
+        let id = attach_tc(tc, iface, &pin, TcAttachType::Egress)?;
+        let link = tc
+            .take_link(id)
+            .map_err(|e| Error::Datapath(format!("TC egress link on {iface}: {e}")))?;
+        let link = FdLink::try_from(link)
+            .map_err(|e| Error::Datapath(format!("TC egress link on {iface}: {e}")))?;
+        Ok((pin.clone(), pin_link(link, &pin)?))
     }
 
     /// Writes the node-wide settings (`LB_CONFIG`).
@@ -226,7 +368,7 @@ impl Datapath {
     /// Detaches every program from every interface (maps stay pinned).
     pub fn detach_all(&mut self) {
         for a in std::mem::take(&mut self.attached) {
-            for (path, link) in [a.xdp, a.tc] {
+            for (path, link) in [a.ingress, a.tc] {
                 // Unpinning drops the last reference: the kernel detaches.
                 if let Err(e) = link.unpin() {
                     warn!(iface = a.iface, path = %path.display(), error = %e, "unpinning link");
@@ -334,6 +476,31 @@ pub fn flow_end(
 }
 
 /// Pins `link` at `path` (replacing a stale pin of the same link).
+/// Attaches TC program `tc` to `iface` at `at`, or replaces the program of
+/// the link pinned at `pin` (a previous agent's).
+fn attach_tc(
+    tc: &mut SchedClassifier,
+    iface: &str,
+    pin: &Path,
+    at: TcAttachType,
+) -> Result<aya::programs::tc::SchedClassifierLinkId> {
+    let fail = |what: &str, e: &dyn std::fmt::Display| {
+        Error::Datapath(format!("{what} ({at:?}) on {iface}: {e}"))
+    };
+    match PinnedLink::from_pin(pin) {
+        Ok(old) => {
+            let link = SchedClassifierLink::try_from(FdLink::from(old))
+                .map_err(|e| fail("reusing the pinned TC link", &e))?;
+            let id = tc
+                .attach_to_link(link)
+                .map_err(|e| fail("replacing the TC program", &e))?;
+            info!(iface, "replaced the program of the pinned TC {at:?} link");
+            Ok(id)
+        }
+        Err(_) => tc.attach(iface, at).map_err(|e| fail("attaching TC", &e)),
+    }
+}
+
 fn pin_link(link: FdLink, path: &Path) -> Result<PinnedLink> {
     if path.exists() {
         // We hold the link (it was reused from this pin): re-pin it fresh.

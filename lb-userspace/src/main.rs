@@ -38,6 +38,14 @@ fn main() -> anyhow::Result<()> {
             print!("{out}");
             Ok(())
         }
+        Command::Interfaces(a) => {
+            for (iface, hook) in lb_userspace::loader::attached_interfaces(
+                &lb_userspace::loader::link_dir(&a.bpffs_root),
+            )? {
+                println!("{iface}\tingress={}\tegress=tc", hook.name());
+            }
+            Ok(())
+        }
         Command::Backends(a) => {
             let out =
                 lb_userspace::inspect::print_backends(&a.bpffs_root, a.service.as_deref(), a.json)?;

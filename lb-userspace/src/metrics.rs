@@ -41,6 +41,15 @@ pub struct StateLabel {
     pub state: &'static str,
 }
 
+/// Label set `{interface, hook="xdp"|"tc"}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AttachLabel {
+    /// The interface.
+    pub interface: String,
+    /// [`crate::loader::IngressHook::name`].
+    pub hook: &'static str,
+}
+
 /// Label set `{reason="invalid"|"frontend_conflict"|…}`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
@@ -151,6 +160,9 @@ pub struct Metrics {
     pub nat_entries: Gauge,
     /// `lb_gc_flows_removed_total`.
     pub gc_removed: Counter,
+    /// `lb_attached{interface, hook}`: 1 for the hook running the ingress
+    /// logic on each interface.
+    pub attached: Family<AttachLabel, Gauge>,
 }
 
 impl Metrics {
@@ -209,6 +221,13 @@ impl Metrics {
             "Flows removed by the garbage collector (ended or idle)",
             gc_removed.clone(),
         );
+        let attached = Family::<AttachLabel, Gauge>::default();
+        registry.register(
+            "attached",
+            "1 for the hook that runs the ingress logic on each interface (xdp: native XDP; \
+             tc: TC ingress)",
+            attached.clone(),
+        );
         let names = Arc::new(RwLock::new(Names::default()));
         registry.register_collector(Box::new(DatapathCollector {
             pin_dir,
@@ -226,7 +245,18 @@ impl Metrics {
             ct_entries,
             nat_entries,
             gc_removed,
+            attached,
         }
+    }
+
+    /// Records that `hook` runs the ingress logic on `iface`.
+    pub fn set_attached(&self, iface: &str, hook: crate::loader::IngressHook) {
+        self.attached
+            .get_or_create(&AttachLabel {
+                interface: iface.to_owned(),
+                hook: hook.name(),
+            })
+            .set(1);
     }
 
     /// The text exposition of every metric.

@@ -72,7 +72,7 @@ pub fn added_endpoint(k: usize) -> Ipv4Addr {
 /// - `xdp.initial_ms`: from spawning `lb-agent run --manifests` to the
 ///   timestamp of its first `synced` log line (process start, manifest parse
 ///   and validation, BPF load, attach, translate, plan, map writes).
-///   `initial_after_attach_ms`: from its last `attached XDP` line to that
+///   `initial_after_attach_ms`: from its last `attached … ingress` line to that
 ///   `synced` line (the manifest read again, translate, plan, map writes).
 /// - `xdp.add_endpoint_ms`: median over [`ADD_RUNS`] of SIGHUP sent → the
 ///   next `synced` line, after rewriting the manifest with one more endpoint
@@ -236,7 +236,14 @@ fn measure_xdp(agent_bin: &Path, svcs: &[BenchService], node: &NodeInfo) -> Resu
     write_manifests(&manifest, &svcs, node)?;
     let manifest_bytes = std::fs::metadata(&manifest)?.len();
     let log = site.dir().join("agent.log");
-    let extra = ["--metrics-addr".to_owned(), "off".to_owned()];
+    // The `xdp` rows measure native XDP, whatever `--attach auto` picks
+    // for the lab's veth.
+    let extra = [
+        "--metrics-addr".to_owned(),
+        "off".to_owned(),
+        "--attach".to_owned(),
+        "xdp".to_owned(),
+    ];
     // A profiler to run the agent under, e.g. `heaptrack -o /tmp/agent` or
     // `perf record -g -o /tmp/agent.data --`: the figures it changes are
     // then not comparable.
@@ -260,7 +267,7 @@ fn measure_xdp(agent_bin: &Path, svcs: &[BenchService], node: &NodeInfo) -> Resu
     let attached = marker_times(&agent.log(), ATTACHED)
         .last()
         .copied()
-        .context("no `attached XDP` line with a timestamp")?;
+        .context("no `attached … ingress` line with a timestamp")?;
     let memory = memory(site.pins(), agent.pid())?;
 
     let mut runs = Vec::new();

@@ -29,7 +29,7 @@ pub const SYNCED: &str = "synced";
 pub const REJECTED: &str = "reload rejected";
 /// The log marker of the programs attached to one interface. The agent's
 /// first `synced` comes before it attaches, so start-up waits for both.
-pub const ATTACHED: &str = "attached XDP";
+pub const ATTACHED: &str = " ingress and TC egress";
 
 /// The agent binary: `LB_AGENT_BIN`, else `<target>/debug/lb-agent`.
 pub fn binary() -> Result<PathBuf> {
@@ -98,14 +98,14 @@ pub enum AgentSource<'a> {
 
 impl Agent {
     /// Starts the agent in `node` and waits for its first `synced` line and
-    /// an `attached XDP` line per interface.
+    /// an `attached … ingress and TC egress` line per interface.
     pub fn start(node: &Netns, cfg: &AgentConfig<'_>) -> Result<Self> {
         let mut agent = Self::spawn(node, cfg)?;
         agent.wait_for(SYNCED, 1)?;
         Ok(agent)
     }
 
-    /// Starts the agent in `node` and waits only for an `attached XDP` line
+    /// Starts the agent in `node` and waits only for an `attached … ingress and TC egress` line
     /// per interface (not for a sync).
     pub fn spawn(node: &Netns, cfg: &AgentConfig<'_>) -> Result<Self> {
         let log = File::create(cfg.log).with_context(|| format!("create {}", cfg.log.display()))?;

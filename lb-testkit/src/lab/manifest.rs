@@ -149,9 +149,9 @@ items:
   - name: echo-udp
     protocol: UDP
     port: 8080
-  endpoints:
-"
+  endpoints:"
     );
+    yaml.push_str(if endpoints.is_empty() { " []\n" } else { "\n" });
     for (i, (addr, node, condition)) in endpoints.iter().enumerate() {
         let _ = write!(
             yaml,
@@ -166,9 +166,6 @@ items:
 ",
             condition.yaml()
         );
-    }
-    if endpoints.is_empty() {
-        yaml.push_str("  []\n");
     }
     yaml
 }

@@ -147,7 +147,20 @@ pub struct Lab {
 impl Lab {
     /// Builds client, node and pods `1..=pods` with their servers. Needs
     /// root, `ip`, `ethtool`, `nsenter` and `sysctl` ([`topology::preflight`]).
+    /// The client's veth sends full checksums (transmit offload off), which
+    /// native XDP on the node needs.
     pub fn new(pods: u8) -> Result<Self> {
+        Self::build(pods, false)
+    }
+
+    /// As [`Lab::new`], with the client's transmit checksum offload left on,
+    /// as a real veth has it: its TCP and UDP packets carry partial
+    /// checksums (`CHECKSUM_PARTIAL`), which only TC ingress handles.
+    pub fn with_tx_offload(pods: u8) -> Result<Self> {
+        Self::build(pods, true)
+    }
+
+    fn build(pods: u8, tx_offload: bool) -> Result<Self> {
         topology::preflight("the lab")?;
         netns::remove_stale();
         let site = Site::new("")?;
@@ -158,8 +171,10 @@ impl Lab {
 
         client.addr_up("c0", CLIENT_ADDR, 24)?;
         client.route("default", NODE_ADDR)?;
-        // XDP on the node must see full checksums, not veth's partial ones.
-        client.tx_checksum_off("c0")?;
+        if !tx_offload {
+            // XDP on the node must see full checksums, not veth's partial ones.
+            client.tx_checksum_off("c0")?;
+        }
 
         node.addr_up(NODE_IFACE, NODE_ADDR, 24)?;
         // A fixed address: a bridge otherwise takes the lowest address of

@@ -2,14 +2,14 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    os::fd::AsFd,
+    os::fd::{AsFd, OwnedFd},
     path::Path,
 };
 
 use aya::{
     Ebpf,
     maps::{
-        Array, HashMap, Map, MapData, MapFd,
+        Array, HashMap, Map, MapData,
         lpm_trie::{Key, LpmTrie},
     },
 };
@@ -28,9 +28,9 @@ pub struct KernelMaps {
     backends: Array<MapData, BackendV4>,
     /// Other descriptors of `backends`, `frontends` and `names`, for batch
     /// operations (aya's map types do not lend their own).
-    backends_fd: MapFd,
-    frontends_fd: MapFd,
-    names_fd: MapFd,
+    backends_fd: OwnedFd,
+    frontends_fd: OwnedFd,
+    names_fd: OwnedFd,
     src_ranges: LpmTrie<MapData, SrcRangeV4, u32>,
     lists: HashMap<MapData, u32, BackendList>,
     names: HashMap<MapData, u32, ServiceName>,
@@ -121,12 +121,16 @@ fn err(map: &str, what: impl std::fmt::Display) -> Error {
     Error::Datapath(format!("{map}: {what}"))
 }
 
-/// A descriptor of array or hash map `map` of its own.
-fn second_fd(map: Option<&Map>, name: &'static str) -> Result<MapFd> {
+/// A descriptor of array or hash map `map` of its own (a `dup`: no
+/// capability beyond the ones that opened the map; getting one by map id
+/// would need CAP_SYS_ADMIN).
+fn second_fd(map: Option<&Map>, name: &'static str) -> Result<OwnedFd> {
     match map {
-        Some(Map::Array(m) | Map::HashMap(m)) => {
-            m.info().and_then(|i| i.fd()).map_err(|e| err(name, e))
-        }
+        Some(Map::Array(m) | Map::HashMap(m)) => m
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| err(name, e)),
         _ => Err(err(
             name,
             "missing from the eBPF object, or not an array or hash",
@@ -275,7 +279,7 @@ impl KernelMaps {
         /// The (key, value) of every op of `run` `pick` recognises, written
         /// to `fd` in one batch.
         fn write<K: aya::Pod, V: aya::Pod>(
-            fd: &MapFd,
+            fd: &OwnedFd,
             map: &str,
             run: &[Op],
             pick: impl Fn(&Op) -> Option<(K, V)>,

@@ -76,6 +76,8 @@ impl Kernel {
             ct_capacity: 16_384,
         })
         .expect("load datapath");
+        dp.load_ingress(lb_userspace::loader::IngressHook::Xdp)
+            .expect("load the XDP program");
         let maps = KernelMaps::from_ebpf(&mut dp.ebpf).expect("maps");
         dp.configure(&cases::CONFIG).expect("configure SNAT");
         Self { dp, maps, site }

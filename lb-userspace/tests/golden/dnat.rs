@@ -7,13 +7,19 @@ use super::*;
 
 #[test]
 fn tcp_syn_is_dnated_to_the_maglev_backend_with_valid_checksums() {
+    for at in [IngressHook::Xdp, IngressHook::Tc] {
+        tcp_syn_is_dnated_to_the_maglev_backend_with_valid_checksums_at(at);
+    }
+}
+
+fn tcp_syn_is_dnated_to_the_maglev_backend_with_valid_checksums_at(at: IngressHook) {
     if !privileged() {
         return;
     }
     let mut g = Golden::new(&PODS);
     let before = g.stats();
     let input = tcp((CLIENT, 40_000), (NODE, 30090), true, b"");
-    let (verdict, out) = g.xdp(&input);
+    let (verdict, out) = g.ingress(at, &input);
     assert_eq!(verdict, XDP_PASS);
     let be = g.expected_backend(40_000, 30090, IPPROTO_TCP);
     assert_eq!(be.1, 8080);
@@ -53,7 +59,7 @@ fn tcp_syn_is_dnated_to_the_maglev_backend_with_valid_checksums() {
         false,
         b"GET / HTTP/1.1\r\n\r\n",
     );
-    let (verdict, out) = g.xdp(&data);
+    let (verdict, out) = g.ingress(at, &data);
     assert_eq!(verdict, XDP_PASS);
     assert_eq!(
         out,
@@ -64,12 +70,18 @@ fn tcp_syn_is_dnated_to_the_maglev_backend_with_valid_checksums() {
 
 #[test]
 fn udp_is_dnated_and_a_zero_checksum_stays_zero() {
+    for at in [IngressHook::Xdp, IngressHook::Tc] {
+        udp_is_dnated_and_a_zero_checksum_stays_zero_at(at);
+    }
+}
+
+fn udp_is_dnated_and_a_zero_checksum_stays_zero_at(at: IngressHook) {
     if !privileged() {
         return;
     }
     let mut g = Golden::new(&PODS);
     let input = udp((CLIENT, 5353), (NODE, 30090), b"hello");
-    let (verdict, out) = g.xdp(&input);
+    let (verdict, out) = g.ingress(at, &input);
     assert_eq!(verdict, XDP_PASS);
     let be = g.expected_backend(5353, 30090, IPPROTO_UDP);
     assert_eq!(be.1, 8053);
@@ -78,7 +90,7 @@ fn udp_is_dnated_and_a_zero_checksum_stays_zero() {
     // Same flow, checksum 0 ("none"): must stay 0, IPv4 checksum still right.
     let mut zero = udp((CLIENT, 5353), (NODE, 30090), b"again");
     zero[40..42].copy_from_slice(&[0, 0]);
-    let (verdict, out) = g.xdp(&zero);
+    let (verdict, out) = g.ingress(at, &zero);
     assert_eq!(verdict, XDP_PASS);
     let mut expect = udp((CLIENT, 5353), be, b"again");
     expect[40..42].copy_from_slice(&[0, 0]);

@@ -24,7 +24,10 @@ use lb_common::{
     REASON_ROUND_ROBIN, Stats, flow, hash::flow_hash_v4, pin,
 };
 use lb_userspace::{
-    loader::{Datapath, LoadOptions, TC_PROGRAM, XDP_PROGRAM, close_with, program},
+    loader::{
+        Datapath, IngressHook, LoadOptions, TC_INGRESS_PROGRAM, TC_PROGRAM, XDP_PROGRAM,
+        close_with, program,
+    },
     pinned,
     plan::{PlanConfig, plan},
     source::manifests,
@@ -238,6 +241,9 @@ impl Golden {
             ct_capacity: 4096,
         })
         .expect("load datapath");
+        for hook in [IngressHook::Xdp, IngressHook::Tc] {
+            dp.load_ingress(hook).expect("load the ingress program");
+        }
         let maps = KernelMaps::from_ebpf(&mut dp.ebpf).expect("maps");
         dp.configure(&lb_common::DatapathConfig {
             snat_addr: NODE,
@@ -308,6 +314,31 @@ impl Golden {
             .expect("BPF_PROG_TEST_RUN");
         out.truncate(r.data_size_out as usize);
         (r.return_value, out)
+    }
+
+    /// The ingress logic at TC ingress (`lb_tc_ingress`).
+    fn tc_ingress(&mut self, pkt: &[u8]) -> (u32, Vec<u8>) {
+        let prog: &mut SchedClassifier = program(&mut self.dp.ebpf, TC_INGRESS_PROGRAM).unwrap();
+        run(prog, pkt)
+    }
+
+    /// The ingress logic at hook `at`, its verdict as XDP's (TC's
+    /// `TC_ACT_OK` is a pass, `TC_ACT_SHOT` a drop, `TC_ACT_REDIRECT` a
+    /// packet sent out, as `XDP_TX`).
+    fn ingress(&mut self, at: IngressHook, pkt: &[u8]) -> (u32, Vec<u8>) {
+        match at {
+            IngressHook::Xdp => self.xdp(pkt),
+            IngressHook::Tc => {
+                let (v, out) = self.tc_ingress(pkt);
+                let v = match v {
+                    0 => XDP_PASS,
+                    2 => XDP_DROP,
+                    7 => XDP_TX,
+                    other => panic!("TC ingress verdict {other}"),
+                };
+                (v, out)
+            }
+        }
     }
 
     fn tc(&mut self, pkt: &[u8]) -> (u32, Vec<u8>) {
@@ -404,6 +435,17 @@ const PODS: [&str; 3] = ["198.18.1.11", "198.18.1.12", "198.18.1.13"];
 /// the verdict, the output bytes and the counter of each.
 #[test]
 fn every_row_of_the_shared_fixture_table() {
+    fixture_table(IngressHook::Xdp);
+}
+
+/// The same rows with the ingress logic at TC ingress: the same verdicts
+/// (as TC's), bytes and counters.
+#[test]
+fn every_row_of_the_shared_fixture_table_at_tc_ingress() {
+    fixture_table(IngressHook::Tc);
+}
+
+fn fixture_table(at: IngressHook) {
     if !privileged() {
         return;
     }
@@ -414,7 +456,7 @@ fn every_row_of_the_shared_fixture_table() {
     for row in fixtures::flow(client, frontend, backend) {
         let before = g.stats();
         let (verdict, out) = match row.program {
-            Program::Xdp => g.xdp(&row.packet),
+            Program::Xdp => g.ingress(at, &row.packet),
             Program::Tc => g.tc(&row.packet),
         };
         assert_eq!(verdict, row.verdict, "{}: {}", row.name, row.what);

@@ -17,13 +17,19 @@ fn parse_answer(out: &[u8]) -> etherparse::SlicedPacket<'_> {
 
 #[test]
 fn tcp_to_a_service_without_endpoints_is_answered_with_rst() {
+    for at in [IngressHook::Xdp, IngressHook::Tc] {
+        tcp_to_a_service_without_endpoints_is_answered_with_rst_at(at);
+    }
+}
+
+fn tcp_to_a_service_without_endpoints_is_answered_with_rst_at(at: IngressHook) {
     if !privileged() {
         return;
     }
     let mut g = Golden::new(&PODS);
     let s0 = g.stats();
     let syn = tcp((CLIENT, 40_100), (NODE, 30091), true, b"");
-    let (verdict, out) = g.xdp(&syn);
+    let (verdict, out) = g.ingress(at, &syn);
     assert_eq!(verdict, XDP_TX);
     assert_eq!(out.len(), 54);
     let p = parse_answer(&out);
@@ -58,7 +64,7 @@ fn tcp_to_a_service_without_endpoints_is_answered_with_rst() {
 
     // A segment with ACK gets a bare RST whose sequence is that ACK.
     let data = tcp((CLIENT, 40_101), (NODE, 30091), false, b"hello");
-    let (verdict, out) = g.xdp(&data);
+    let (verdict, out) = g.ingress(at, &data);
     assert_eq!(verdict, XDP_TX);
     let p = parse_answer(&out);
     let Some(etherparse::TransportSlice::Tcp(t)) = &p.transport else {
@@ -75,7 +81,7 @@ fn tcp_to_a_service_without_endpoints_is_answered_with_rst() {
         .rst()
         .write(&mut rst, b"")
         .unwrap();
-    assert_eq!(g.xdp(&rst).0, XDP_DROP);
+    assert_eq!(g.ingress(at, &rst).0, XDP_DROP);
 
     let s = g.stats();
     assert_eq!(s.reject_tcp - s0.reject_tcp, 2);
@@ -84,12 +90,18 @@ fn tcp_to_a_service_without_endpoints_is_answered_with_rst() {
 
 #[test]
 fn udp_to_a_service_without_endpoints_gets_icmp_port_unreachable() {
+    for at in [IngressHook::Xdp, IngressHook::Tc] {
+        udp_to_a_service_without_endpoints_gets_icmp_port_unreachable_at(at);
+    }
+}
+
+fn udp_to_a_service_without_endpoints_gets_icmp_port_unreachable_at(at: IngressHook) {
     if !privileged() {
         return;
     }
     let mut g = Golden::new(&PODS);
     let input = udp((CLIENT, 5000), (NODE, 30091), b"is anyone there?");
-    let (verdict, out) = g.xdp(&input);
+    let (verdict, out) = g.ingress(at, &input);
     assert_eq!(verdict, XDP_TX);
     assert_eq!(out.len(), 14 + 20 + 8 + 20 + 8);
     let p = parse_answer(&out);
