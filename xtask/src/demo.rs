@@ -236,6 +236,7 @@ fn policies(lab: &mut Lab, bin: &Path) -> Result<usize> {
         .context("connect");
     std::thread::sleep(Duration::from_millis(100));
     for args in [
+        &["interfaces"][..],
         &["flows", "--service", "demo/echo:http"][..],
         &["backends", "--service", "demo/echo:http"][..],
     ] {
@@ -353,7 +354,7 @@ pub fn two_node(hold: bool) -> Result<()> {
         }
     }
     println!(
-        "\nPods on the other node see the forwarding node's address (SNAT in XDP); \
+        "\nPods on the other node see the forwarding node's address (SNAT in the ingress program, at TC on these veths); \
          pods on the node itself see the client {}.",
         cluster::CLIENT_ADDR
     );
