@@ -140,6 +140,15 @@ pub fn main(agent: &Path, quick: bool, out: Option<PathBuf>) -> Result<()> {
     Ok(())
 }
 
+/// The arguments every benched agent gets beside its source: no metrics
+/// server, and native XDP (the `xdp` rows measure it, whatever `--attach
+/// auto` would pick for the lab's veth).
+pub fn xdp_agent_args() -> Vec<String> {
+    ["--metrics-addr", "off", "--attach", "xdp"]
+        .map(str::to_owned)
+        .to_vec()
+}
+
 /// One part of the bench, for `lb-bench --only`.
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub enum Part {

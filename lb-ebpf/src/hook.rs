@@ -37,7 +37,9 @@ use lb_common::{Stats, csum};
 
 use crate::{
     nat::{self, Endpoint},
-    parse::{Bounds, IP_CHECK_OFF, IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF, L4_OFF, PacketV4},
+    parse::{
+        self, Bounds, ICMP_QUOTE_END, IP_CHECK_OFF, IP_TTL_OFF, IcmpErrorV4, L4_OFF, PacketV4, Skip,
+    },
 };
 
 /// What the ingress logic decided for a packet.
@@ -67,37 +69,61 @@ pub trait Hook {
     /// updates; false if a helper failed (TC). `pkt`'s pointers may be
     /// invalid afterwards.
     fn rewrite(&self, pkt: &PacketV4, src: Option<Endpoint>, dst: Option<Endpoint>) -> bool;
-    /// Sends `pkt` (already rewritten) to its next hop, or hands it to the
-    /// kernel when the kernel must help (TTL expiring, no route).
-    fn forward(&self, pkt: &PacketV4, st: &mut Stats) -> Action;
+    /// Sends `pkt`, already rewritten to leave from `src` to `dst`, to its
+    /// next hop, or hands it to the kernel when the kernel must help (TTL
+    /// expiring, no route).
+    fn forward(&self, pkt: &PacketV4, src: Endpoint, dst: Endpoint, st: &mut Stats) -> Action;
     /// Grows the packet by `n` bytes at the front.
     fn grow_head(&self, n: u32) -> bool;
     /// Trims the packet from `cur` to `len` bytes.
     fn trim(&self, cur: u32, len: u32) -> bool;
 }
 
+/// The packet at `h`, parsed once ([`parse::parse_v4`]); at TC, headers
+/// that sit in an skb's paged data are pulled in first.
+#[inline(always)]
+pub fn parse_v4(h: &impl Hook) -> Result<PacketV4, Skip> {
+    let parsed = parse::parse_v4(h.bounds());
+    if matches!(parsed, Err(Skip::Truncated)) && h.pull((L4_OFF + 20) as u32) {
+        return parse::parse_v4(h.bounds());
+    }
+    parsed
+}
+
+/// An ICMP error at `h` quoting a TCP/UDP packet
+/// ([`parse::parse_icmp_error_v4`]); at TC the quote, up to the quoted
+/// TCP checksum (the longest read), is pulled in first.
+#[inline(always)]
+pub fn parse_icmp_error(h: &impl Hook) -> Option<IcmpErrorV4> {
+    h.pull(ICMP_QUOTE_END as u32);
+    parse::parse_icmp_error_v4(h.bounds())
+}
+
 const AF_INET: u8 = 2;
 
-/// Looks up the next hop of `pkt` leaving with `out` (its addresses and
-/// ports as rewritten) from interface `ifindex` into `p` (all zero on
-/// entry); returns the helper's code, a failure counted.
+/// Looks up the next hop of `pkt` leaving from `src` to `dst` by interface
+/// `ifindex` into `p` (all zero on entry); returns the helper's code, a
+/// failure counted. `tot_len` is the length the MTU check uses (0: the
+/// kernel checks the skb itself, which is right for GRO aggregates larger
+/// than the MTU).
 #[inline(always)]
 fn next_hop(
     ctx: *mut core::ffi::c_void,
     ifindex: u32,
     pkt: &PacketV4,
-    out: &Headers,
+    (src, dst): (Endpoint, Endpoint),
+    tot_len: u16,
     p: &mut FibParams,
     st: &mut Stats,
 ) -> i64 {
     p.family = AF_INET;
     p.l4_protocol = pkt.proto;
-    p.sport = out.ports[0];
-    p.dport = out.ports[1];
-    p.__bindgen_anon_1.tot_len = out.tot_len;
+    p.sport = src.1;
+    p.dport = dst.1;
+    p.__bindgen_anon_1.tot_len = tot_len;
     p.ifindex = ifindex;
-    p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(out.src);
-    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(out.dst);
+    p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src.0);
+    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst.0);
     // SAFETY: helper with a pointer to the caller's struct and its size.
     let rc = unsafe { bpf_fib_lookup(ctx, p, core::mem::size_of::<FibParams>() as i32, 0) };
     if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
@@ -106,16 +132,6 @@ fn next_hop(
         st.fib_failed += 1;
     }
     rc
-}
-
-/// A packet's addresses and ports (network byte order) as it leaves, and
-/// the length the MTU check uses (0: the kernel checks the skb itself,
-/// which is right for GRO aggregates larger than the MTU).
-struct Headers {
-    src: [u8; 4],
-    dst: [u8; 4],
-    ports: [u16; 2],
-    tot_len: u16,
 }
 
 /// The IPv4 checksum after the TTL went from `ttl` to `ttl - 1` (the word
@@ -151,7 +167,7 @@ impl Hook for XdpContext {
     }
 
     #[inline(always)]
-    fn forward(&self, pkt: &PacketV4, st: &mut Stats) -> Action {
+    fn forward(&self, pkt: &PacketV4, src: Endpoint, dst: Endpoint, st: &mut Stats) -> Action {
         if pkt.ttl <= 1 {
             st.fib_failed += 1;
             return Action::Pass; // the kernel sends ICMP time exceeded
@@ -159,17 +175,18 @@ impl Hook for XdpContext {
         // SAFETY: the parser checked the Ethernet and IPv4 headers are in
         // bounds; XDP writes go straight to the frame.
         let (eth, ip) = unsafe { (&mut *pkt.eth, &mut *pkt.ip) };
-        let out = Headers {
-            src: ip.src_addr,
-            dst: ip.dst_addr,
-            // SAFETY: bounds-checked by the parser.
-            ports: unsafe { *pkt.ports },
-            tot_len: pkt.tot_len,
-        };
         // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
         let mut p: FibParams = unsafe { core::mem::zeroed() };
-        if next_hop(self.ctx as *mut _, self.ifindex(), pkt, &out, &mut p, st)
-            != BPF_FIB_LKUP_RET_SUCCESS as i64
+        let out = (src, dst);
+        if next_hop(
+            self.ctx as *mut _,
+            self.ifindex(),
+            pkt,
+            out,
+            pkt.tot_len,
+            &mut p,
+            st,
+        ) != BPF_FIB_LKUP_RET_SUCCESS as i64
         {
             // Unresolved neighbour, no route: the kernel forwards it as
             // rewritten and resolves the neighbour for the next packets.
@@ -234,37 +251,15 @@ impl Hook for TcContext {
     }
 
     #[inline(always)]
-    fn forward(&self, pkt: &PacketV4, st: &mut Stats) -> Action {
+    fn forward(&self, pkt: &PacketV4, src: Endpoint, dst: Endpoint, st: &mut Stats) -> Action {
         if pkt.ttl <= 1 {
             st.fib_failed += 1;
             return Action::Pass; // the kernel sends ICMP time exceeded
         }
-        // The packet's pointers are stale after the rewrite's helpers: the
-        // addresses are read back through the skb.
-        let (Ok(src), Ok(dst), Ok(ports)) = (
-            self.load::<[u8; 4]>(IP_SRC_OFF),
-            self.load::<[u8; 4]>(IP_DST_OFF),
-            self.load::<[u16; 2]>(L4_OFF),
-        ) else {
-            st.fib_failed += 1;
-            return Action::Pass;
-        };
-        let out = Headers {
-            src,
-            dst,
-            ports,
-            tot_len: 0,
-        };
         // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
         let mut p: FibParams = unsafe { core::mem::zeroed() };
-        let rc = next_hop(
-            self.skb.skb as *mut _,
-            self.ifindex(),
-            pkt,
-            &out,
-            &mut p,
-            st,
-        );
+        let ctx = self.skb.skb as *mut _;
+        let rc = next_hop(ctx, self.ifindex(), pkt, (src, dst), 0, &mut p, st);
         // Route known, neighbour not resolved yet: bpf_redirect_neigh
         // resolves it and queues the packet meanwhile.
         if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 && rc != BPF_FIB_LKUP_RET_NO_NEIGH as i64 {

@@ -14,10 +14,10 @@ use crate::{
     atomic,
     conntrack::{self, Lookup, Pinned},
     flows,
-    hook::{Action, Hook},
+    hook::{self, Action, Hook},
     icmp,
     maps::{LB_BE_COUNTERS, LB_FRONTENDS_V4, LB_SRC_RANGE_V4, LB_STATS, LB_SVC_COUNTERS},
-    parse::{self, ICMP_QUOTE_END, L4_OFF, PacketV4, Skip},
+    parse::{PacketV4, Skip},
     reject, select, snat,
 };
 
@@ -32,14 +32,11 @@ pub fn handle<H: Hook>(h: &H, seen: impl FnOnce(&mut Stats)) -> Action {
     let st = unsafe { &mut *st };
     seen(st);
 
-    let mut parsed = parse::parse_v4(h.bounds());
-    // At TC the headers may sit in an skb's paged data: pulled in once.
-    if matches!(parsed, Err(Skip::Truncated)) && h.pull((L4_OFF + 20) as u32) {
-        parsed = parse::parse_v4(h.bounds());
-    }
-    let pkt = match parsed {
+    let pkt = match hook::parse_v4(h) {
         Ok(p) => p,
-        Err(Skip::OtherProto) if icmp_error(h, st) => {
+        Err(Skip::OtherProto)
+            if hook::parse_icmp_error(h).is_some_and(|e| icmp::translate_xdp(&e, st)) =>
+        {
             return Action::Pass; // the kernel routes it to its new destination
         }
         Err(skip) => {
@@ -177,7 +174,13 @@ pub fn handle<H: Hook>(h: &H, seen: impl FnOnce(&mut Stats)) -> Action {
         }
     };
 
-    if !h.rewrite(&pkt, src, Some((be.addr, be.port_be))) {
+    // The endpoints the packet leaves with (a forward's next hop is looked
+    // up for them).
+    let (out_src, out_dst) = (
+        src.unwrap_or((pkt.src, pkt.sport_be)),
+        (be.addr, be.port_be),
+    );
+    if !h.rewrite(&pkt, src, Some(out_dst)) {
         st.tc_rewrite_failed += 1;
         return Action::Drop;
     }
@@ -207,17 +210,7 @@ pub fn handle<H: Hook>(h: &H, seen: impl FnOnce(&mut Stats)) -> Action {
     if new_flow {
         st.forwarded += 1;
     }
-    h.forward(&pkt, st)
-}
-
-/// An ICMP error about a packet this node sent for a flow: its quote is
-/// translated back. True if it was.
-#[inline(always)]
-fn icmp_error(h: &impl Hook, st: &mut Stats) -> bool {
-    // The quote may sit in paged data (TC): pull in the headers up to the
-    // quoted TCP checksum, the longest read.
-    h.pull(ICMP_QUOTE_END as u32);
-    parse::parse_icmp_error_v4(h.bounds()).is_some_and(|e| icmp::translate_xdp(&e, st))
+    h.forward(&pkt, out_src, out_dst, st)
 }
 
 /// Not a frontend: a reply of a flow this node forwarded to a remote backend
@@ -236,7 +229,7 @@ fn not_a_frontend(h: &impl Hook, st: &mut Stats, pkt: &PacketV4) -> Action {
                 return Action::Drop;
             }
             st.reverse_snat += 1;
-            return h.forward(pkt, st);
+            return h.forward(pkt, src, dst, st);
         }
     }
     st.pass_not_service += 1;

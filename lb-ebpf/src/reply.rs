@@ -10,10 +10,10 @@ use aya_ebpf::{
 use lb_common::{CT_DIR_REPLY, CT_TCP_FIN_REPLY, CT_TCP_RST, Stats, flow};
 
 use crate::{
-    conntrack, flows, icmp,
+    conntrack, flows, hook, icmp,
     maps::{LB_CT_V4, LB_STATS},
     nat,
-    parse::{self, Bounds, ICMP_QUOTE_END, L4_OFF, Skip},
+    parse::Skip,
 };
 
 /// Handles one outgoing packet. Returns `TC_ACT_OK` after a rewrite and
@@ -27,13 +27,7 @@ pub fn handle(ctx: &TcContext) -> i32 {
     let st = unsafe { &mut *st };
     st.tc_packets += 1;
 
-    let mut pkt = parse::parse_v4(bounds(ctx));
-    if matches!(pkt, Err(Skip::Truncated)) {
-        // Headers may sit in a non-linear part of the skb: pull them in once.
-        if ctx.pull_data((L4_OFF + 20) as u32).is_ok() {
-            pkt = parse::parse_v4(bounds(ctx));
-        }
-    }
+    let pkt = hook::parse_v4(ctx);
     let pkt = match pkt {
         Ok(p) => p,
         Err(Skip::OtherProto) => return icmp_error(ctx, st),
@@ -74,16 +68,8 @@ pub fn handle(ctx: &TcContext) -> i32 {
 /// it is about a packet DNAT'd to a local pod.
 #[inline(always)]
 fn icmp_error(ctx: &TcContext, st: &mut Stats) -> i32 {
-    // The quote may sit in a non-linear part of the skb: pull in the
-    // headers up to the quoted TCP checksum (the longest we read).
-    let _ = ctx.pull_data((ICMP_QUOTE_END as u32).min(ctx.len()));
-    match parse::parse_icmp_error_v4(bounds(ctx)) {
+    match hook::parse_icmp_error(ctx) {
         Some(e) if icmp::translate_tc(&e, st) => TC_ACT_OK,
         _ => TC_ACT_UNSPEC,
     }
-}
-
-#[inline(always)]
-fn bounds(ctx: &TcContext) -> Bounds {
-    Bounds::tc(ctx)
 }

@@ -236,14 +236,7 @@ fn measure_xdp(agent_bin: &Path, svcs: &[BenchService], node: &NodeInfo) -> Resu
     write_manifests(&manifest, &svcs, node)?;
     let manifest_bytes = std::fs::metadata(&manifest)?.len();
     let log = site.dir().join("agent.log");
-    // The `xdp` rows measure native XDP, whatever `--attach auto` picks
-    // for the lab's veth.
-    let extra = [
-        "--metrics-addr".to_owned(),
-        "off".to_owned(),
-        "--attach".to_owned(),
-        "xdp".to_owned(),
-    ];
+    let extra = crate::xdp_agent_args();
     // A profiler to run the agent under, e.g. `heaptrack -o /tmp/agent` or
     // `perf record -g -o /tmp/agent.data --`: the figures it changes are
     // then not comparable.

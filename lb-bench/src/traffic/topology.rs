@@ -243,14 +243,7 @@ impl Topology {
                 let manifests = self.site.dir().join("services.json");
                 kubeproxy::write_manifests(&manifests, svcs, &node_info())?;
                 let log = self.site.dir().join("lb-agent.log");
-                // The `xdp` rows measure native XDP, whatever `--attach auto` picks
-                // for the lab's veth.
-                let extra = [
-                    "--metrics-addr".to_owned(),
-                    "off".to_owned(),
-                    "--attach".to_owned(),
-                    "xdp".to_owned(),
-                ];
+                let extra = crate::xdp_agent_args();
                 let agent = Agent::start(
                     &self.node,
                     &AgentConfig {

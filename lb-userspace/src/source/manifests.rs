@@ -109,7 +109,7 @@ pub fn parse_into(file: &Path, text: &str, objects: &mut Objects) -> Result<()> 
             String::new()
         };
         let head = doc.head();
-        let kind = head.text(&head.kind).unwrap_or_default().to_owned();
+        let kind = as_text(&head.kind).unwrap_or_default().to_owned();
         let is_list = kind == "List" || (kind.ends_with("List") && head.has_items);
         if is_list {
             let Some(items) = doc.items() else {
@@ -159,11 +159,12 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<bool, 
     serde::de::IgnoredAny::deserialize(d).map(|_| true)
 }
 
-impl Head {
-    fn text<'v>(&self, v: &'v Option<Value>) -> Option<&'v str> {
-        v.as_ref().and_then(Value::as_str)
-    }
+/// A head field's text, if it is a string.
+fn as_text(v: &Option<Value>) -> Option<&str> {
+    v.as_ref().and_then(Value::as_str)
+}
 
+impl Head {
     fn meta(&self, key: &str) -> Option<String> {
         self.metadata
             .as_ref()
@@ -272,9 +273,8 @@ fn add_object(file: &Path, loc: &str, item: Item, objects: &mut Objects) -> Resu
         ));
     }
     let head = item.head();
-    let (Some(api_version), Some(kind)) = (head.text(&head.api_version), head.text(&head.kind))
-    else {
-        let field = if head.text(&head.api_version).is_none() {
+    let (Some(api_version), Some(kind)) = (as_text(&head.api_version), as_text(&head.kind)) else {
+        let field = if as_text(&head.api_version).is_none() {
             "apiVersion"
         } else {
             "kind"
